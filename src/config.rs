@@ -1,0 +1,558 @@
+//! Typed settings: defaults, then an optional TOML file, then `CELLGATE_*`
+//! environment variables, then command-line flags (the last one wins).
+//!
+//! [`Settings::resolve`] turns what the operator wrote into a
+//! [`ResolvedSettings`]: in development it fills the gaps with the embedded
+//! default (a SQLite directory and a signing secret kept under the data
+//! directory); in production it refuses to start and names every missing
+//! setting at once.
+
+use std::fmt;
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use figment::Figment;
+use figment::providers::{Env, Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+/// The environment variable prefix shared by every setting.
+pub const ENV_PREFIX: &str = "CELLGATE_";
+
+/// File name of the development signing secret inside the data directory.
+const DEV_SECRET_FILE: &str = "dev-jwt-secret";
+
+/// File name of the development SQLite directory inside the data directory.
+const DEV_DATABASE_FILE: &str = "cellgate.db";
+
+/// Which safety rules apply at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Profile {
+    /// Missing settings are filled with the embedded default.
+    #[default]
+    Dev,
+    /// Every required setting must be given; nothing is invented.
+    Production,
+}
+
+impl fmt::Display for Profile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Profile::Dev => "dev",
+            Profile::Production => "production",
+        })
+    }
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Text in development, JSON lines in production.
+    #[default]
+    Auto,
+    /// Human-readable text.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Every setting, as the operator gave it.
+///
+/// Field names are the TOML keys; the environment variable is the field
+/// name in upper case behind [`ENV_PREFIX`] (`listen_addr` is
+/// `CELLGATE_LISTEN_ADDR`).
+#[derive(Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Settings {
+    /// `dev` (embedded defaults) or `production` (strict).
+    pub profile: Profile,
+    /// Address of the Socket.IO and HTTP API listener.
+    pub listen_addr: SocketAddr,
+    /// Address of the Prometheus `/metrics` listener.
+    pub metrics_addr: SocketAddr,
+    /// Where development files live (SQLite directory, dev signing secret).
+    pub data_dir: PathBuf,
+    /// `postgres://…` or `sqlite://…`; the instructor directory and help queue.
+    pub database_url: Option<String>,
+    /// Shared secret for HS256/HS384/HS512 tokens.
+    pub jwt_secret: Option<String>,
+    /// PEM public key for RS*, PS256, ES256/384 or EdDSA tokens.
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Accepted algorithms, e.g. `["RS256"]`; by default every algorithm of the key's kind.
+    pub jwt_algorithms: Option<Vec<String>>,
+    /// Expected `iss` claim, checked when set.
+    pub jwt_issuer: Option<String>,
+    /// Expected `aud` claim, checked when set.
+    pub jwt_audience: Option<String>,
+    /// Clock leeway for `exp`, `nbf` and `iat`, in seconds.
+    pub jwt_leeway_secs: u64,
+    /// Accept `?token=` on the dashboard handshake (off: URLs end up in access logs).
+    pub allow_query_token: bool,
+    /// How long a directory lookup is reused, in seconds.
+    pub directory_cache_ttl_secs: u64,
+    /// Seats in a classroom created without `--seats`.
+    pub default_seats: u32,
+    /// Largest accepted `POST /api/v1/events` body, in bytes.
+    pub max_body_bytes: usize,
+    /// Redis URL; turns on cluster mode (several pods).
+    pub redis_url: Option<String>,
+    /// This pod's name in `connection_accepted.node`; defaults to the host name.
+    pub node_id: Option<String>,
+    /// `auto`, `text` or `json`.
+    pub log_format: LogFormat,
+    /// Apply pending migrations at start-up (default: on in dev, off in production).
+    pub auto_migrate: Option<bool>,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            profile: Profile::Dev,
+            listen_addr: SocketAddr::from(([127, 0, 0, 1], 3000)),
+            metrics_addr: SocketAddr::from(([127, 0, 0, 1], 9091)),
+            data_dir: PathBuf::from(".cellgate"),
+            database_url: None,
+            jwt_secret: None,
+            jwt_public_key_file: None,
+            jwt_algorithms: None,
+            jwt_issuer: None,
+            jwt_audience: None,
+            jwt_leeway_secs: 30,
+            allow_query_token: false,
+            directory_cache_ttl_secs: 30,
+            default_seats: 200,
+            max_body_bytes: 512 * 1024,
+            redis_url: None,
+            node_id: None,
+            log_format: LogFormat::Auto,
+            auto_migrate: None,
+        }
+    }
+}
+
+impl fmt::Debug for Settings {
+    // Written by hand so that the secret can never reach a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("profile", &self.profile)
+            .field("listen_addr", &self.listen_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("data_dir", &self.data_dir)
+            .field(
+                "database_url",
+                &self.database_url.as_deref().map(redact_url),
+            )
+            .field(
+                "jwt_secret",
+                &self.jwt_secret.as_ref().map(|_| "<redacted>"),
+            )
+            .field("jwt_public_key_file", &self.jwt_public_key_file)
+            .field("jwt_issuer", &self.jwt_issuer)
+            .field("jwt_audience", &self.jwt_audience)
+            .field("jwt_leeway_secs", &self.jwt_leeway_secs)
+            .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Start-up problems, all of them, so the operator fixes them in one go.
+#[derive(Debug, thiserror::Error)]
+#[error("cellgate cannot start:\n{}", .problems.iter().map(|p| format!("  - {p}")).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigError {
+    /// One line per problem.
+    pub problems: Vec<String>,
+}
+
+impl ConfigError {
+    fn single(problem: impl Into<String>) -> Self {
+        ConfigError {
+            problems: vec![problem.into()],
+        }
+    }
+}
+
+/// Where the JWT verification key comes from.
+#[derive(Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// An HMAC secret.
+    Secret(String),
+    /// A PEM public key file.
+    PublicKeyFile(PathBuf),
+}
+
+impl fmt::Debug for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::Secret(_) => f.write_str("Secret(<redacted>)"),
+            KeySource::PublicKeyFile(path) => f.debug_tuple("PublicKeyFile").field(path).finish(),
+        }
+    }
+}
+
+/// Settings after defaults and profile rules were applied: what the
+/// gateway actually runs with.
+#[derive(Clone, Debug)]
+pub struct ResolvedSettings {
+    /// The settings as given.
+    pub settings: Settings,
+    /// The directory database URL.
+    pub database_url: String,
+    /// The token verification key.
+    pub key: KeySource,
+    /// Whether to apply migrations at start-up.
+    pub auto_migrate: bool,
+    /// This pod's name.
+    pub node_id: String,
+    /// Notes for the start-up log (development defaults that were used).
+    pub notes: Vec<String>,
+}
+
+impl Settings {
+    /// Loads settings: defaults, then `config_file`, then the process
+    /// environment, then `overrides` (command-line flags).
+    pub fn load(config_file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::from_figment(
+            Self::figment(config_file).merge(Env::prefixed(ENV_PREFIX)),
+            overrides,
+        )
+    }
+
+    /// Like [`Settings::load`], but environment variables come from `env`
+    /// instead of the process (for tests).
+    pub fn load_from_map<'a>(
+        config_file: Option<&Path>,
+        env: impl IntoIterator<Item = (&'a str, &'a str)>,
+        overrides: &Overrides,
+    ) -> Result<Self, ConfigError> {
+        let mut values = figment::value::Dict::new();
+        for (key, value) in env {
+            if let Some(name) = key.strip_prefix(ENV_PREFIX) {
+                // Parsed the way the `Env` provider parses the real environment.
+                let parsed = value.parse().unwrap_or_else(|_| value.into());
+                values.insert(name.to_lowercase(), parsed);
+            }
+        }
+        let figment = Self::figment(config_file).merge(Serialized::defaults(values));
+        Self::from_figment(figment, overrides)
+    }
+
+    fn figment(config_file: Option<&Path>) -> Figment {
+        let figment = Figment::from(Serialized::defaults(Settings::default()));
+        match config_file {
+            Some(path) => figment.merge(Toml::file_exact(path)),
+            None => figment,
+        }
+    }
+
+    fn from_figment(figment: Figment, overrides: &Overrides) -> Result<Self, ConfigError> {
+        figment
+            .merge(Serialized::defaults(overrides))
+            .extract()
+            .map_err(|e| ConfigError {
+                problems: e.into_iter().map(|e| e.to_string()).collect(),
+            })
+    }
+
+    /// Applies the profile rules; see the module documentation.
+    pub fn resolve(self) -> Result<ResolvedSettings, ConfigError> {
+        let mut problems = Vec::new();
+        let mut notes = Vec::new();
+        let production = self.profile == Profile::Production;
+
+        if self.jwt_secret.is_some() && self.jwt_public_key_file.is_some() {
+            problems.push(
+                "CELLGATE_JWT_SECRET and CELLGATE_JWT_PUBLIC_KEY_FILE are both set: choose one"
+                    .to_string(),
+            );
+        }
+        if self.jwt_secret.as_deref().is_some_and(str::is_empty) {
+            problems.push("CELLGATE_JWT_SECRET is empty".to_string());
+        } else if let Some(secret) = &self.jwt_secret
+            && secret.len() < 32
+        {
+            notes.push(format!(
+                "CELLGATE_JWT_SECRET is {} bytes long; use at least 32 random bytes",
+                secret.len()
+            ));
+        }
+        if self.default_seats == 0 {
+            problems.push("CELLGATE_DEFAULT_SEATS must be at least 1".to_string());
+        }
+
+        let database_url = match (&self.database_url, production) {
+            (Some(url), _) => Some(url.clone()),
+            (None, true) => {
+                problems.push(
+                    "CELLGATE_DATABASE_URL is required in production (postgres://…)".to_string(),
+                );
+                None
+            }
+            (None, false) => {
+                let path = self.data_dir.join(DEV_DATABASE_FILE);
+                notes.push(format!(
+                    "using the embedded SQLite directory at {}",
+                    path.display()
+                ));
+                Some(format!("sqlite://{}?mode=rwc", path.display()))
+            }
+        };
+        if let Some(url) = &database_url
+            && !url.starts_with("postgres://")
+            && !url.starts_with("postgresql://")
+            && !url.starts_with("sqlite:")
+        {
+            problems.push(format!(
+                "CELLGATE_DATABASE_URL must start with postgres:// or sqlite:, got {}",
+                redact_url(url)
+            ));
+        }
+
+        let key = match (&self.jwt_secret, &self.jwt_public_key_file, production) {
+            (Some(secret), _, _) => Some(KeySource::Secret(secret.clone())),
+            (None, Some(file), _) => Some(KeySource::PublicKeyFile(file.clone())),
+            (None, None, true) => {
+                problems.push(
+                    "CELLGATE_JWT_SECRET or CELLGATE_JWT_PUBLIC_KEY_FILE is required in production"
+                        .to_string(),
+                );
+                None
+            }
+            (None, None, false) => match dev_secret(&self.data_dir) {
+                Ok(secret) => {
+                    notes.push(format!(
+                        "using the development signing secret in {}",
+                        self.data_dir.join(DEV_SECRET_FILE).display()
+                    ));
+                    Some(KeySource::Secret(secret))
+                }
+                Err(e) => {
+                    problems.push(format!("cannot prepare the development secret: {e}"));
+                    None
+                }
+            },
+        };
+
+        match (database_url, key) {
+            (Some(database_url), Some(key)) if problems.is_empty() => {
+                let auto_migrate = self.auto_migrate.unwrap_or(!production);
+                let node_id = self.node_id.clone().unwrap_or_else(default_node_id);
+                Ok(ResolvedSettings {
+                    settings: self,
+                    database_url,
+                    key,
+                    auto_migrate,
+                    node_id,
+                    notes,
+                })
+            }
+            _ => Err(ConfigError { problems }),
+        }
+    }
+}
+
+/// Values given on the command line; `None` leaves the lower layers alone.
+#[derive(Debug, Default, Clone, Serialize, clap::Args)]
+pub struct Overrides {
+    /// Set from the global `--profile` flag.
+    #[arg(skip)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub profile: Option<Profile>,
+    /// Socket.IO and HTTP API address [env: CELLGATE_LISTEN_ADDR] [default: 127.0.0.1:3000]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub listen_addr: Option<SocketAddr>,
+    /// Prometheus /metrics address [env: CELLGATE_METRICS_ADDR] [default: 127.0.0.1:9091]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Directory for development files [env: CELLGATE_DATA_DIR] [default: .cellgate]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub data_dir: Option<PathBuf>,
+    /// Directory database, postgres://… or sqlite://… [env: CELLGATE_DATABASE_URL]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub database_url: Option<String>,
+    /// PEM public key for RS*, PS256, ES256/384 or EdDSA tokens
+    /// [env: CELLGATE_JWT_PUBLIC_KEY_FILE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// Expected `iss` claim [env: CELLGATE_JWT_ISSUER]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_issuer: Option<String>,
+    /// Expected `aud` claim [env: CELLGATE_JWT_AUDIENCE]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_audience: Option<String>,
+    /// Clock leeway in seconds [env: CELLGATE_JWT_LEEWAY_SECS] [default: 30]
+    #[arg(long)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_leeway_secs: Option<u64>,
+    /// Log format: auto, text or json [env: CELLGATE_LOG_FORMAT] [default: auto]
+    #[arg(long, value_enum)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// Hides the password of a connection URL.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((credentials, host)) => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+fn default_node_id() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "cellgate".to_string())
+}
+
+/// Reads the development secret, creating it (owner-only) on first use.
+fn dev_secret(data_dir: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+
+    let path = data_dir.join(DEV_SECRET_FILE);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let mode = std::fs::metadata(&path)?.permissions().mode();
+        if mode & 0o077 != 0 {
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        return Ok(existing.trim().to_string());
+    }
+
+    std::fs::create_dir_all(data_dir)?;
+    let secret = random_secret();
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)?;
+    file.write_all(secret.as_bytes())?;
+    Ok(secret)
+}
+
+fn random_secret() -> String {
+    use rand::Rng;
+    use rand::distr::Alphanumeric;
+
+    rand::rng()
+        .sample_iter(Alphanumeric)
+        .take(64)
+        .map(char::from)
+        .collect()
+}
+
+impl ConfigError {
+    /// A problem found outside the settings themselves (an unreadable file).
+    pub fn other(problem: impl Into<String>) -> Self {
+        Self::single(problem)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(env: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        Settings::load_from_map(None, env.iter().copied(), &Overrides::default())
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let s = load(&[]).unwrap();
+        assert_eq!(s.listen_addr.to_string(), "127.0.0.1:3000");
+        assert_eq!(s.metrics_addr.to_string(), "127.0.0.1:9091");
+        assert_eq!(s.jwt_leeway_secs, 30);
+        assert_eq!(s.profile, Profile::Dev);
+    }
+
+    #[test]
+    fn environment_overrides_file_and_flags_override_environment() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cellgate.toml");
+        std::fs::write(
+            &file,
+            "listen_addr = \"127.0.0.1:4000\"\njwt_leeway_secs = 5\n",
+        )
+        .unwrap();
+
+        let env = [("CELLGATE_JWT_LEEWAY_SECS", "7")];
+        let s = Settings::load_from_map(Some(&file), env, &Overrides::default()).unwrap();
+        assert_eq!(s.listen_addr.to_string(), "127.0.0.1:4000");
+        assert_eq!(s.jwt_leeway_secs, 7);
+
+        let flags = Overrides {
+            jwt_leeway_secs: Some(9),
+            ..Overrides::default()
+        };
+        let s = Settings::load_from_map(Some(&file), env, &flags).unwrap();
+        assert_eq!(s.jwt_leeway_secs, 9);
+    }
+
+    #[test]
+    fn production_lists_every_missing_setting() {
+        let err = load(&[("CELLGATE_PROFILE", "production")])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("CELLGATE_DATABASE_URL"), "{text}");
+        assert!(text.contains("CELLGATE_JWT_SECRET"), "{text}");
+        assert_eq!(err.problems.len(), 2);
+    }
+
+    #[test]
+    fn dev_profile_creates_an_owner_only_secret_once() {
+        use std::os::unix::fs::PermissionsExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        let env = [("CELLGATE_DATA_DIR", data_dir)];
+        let first = load(&env).unwrap().resolve().unwrap();
+        let second = load(&env).unwrap().resolve().unwrap();
+
+        let (KeySource::Secret(a), KeySource::Secret(b)) = (first.key, second.key) else {
+            panic!("expected a secret");
+        };
+        assert_eq!(a, b);
+        assert!(a.len() >= 32);
+        let mode = std::fs::metadata(dir.path().join(DEV_SECRET_FILE))
+            .unwrap()
+            .permissions();
+        assert_eq!(mode.mode() & 0o777, 0o600);
+        assert!(first.database_url.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cellgate.toml");
+        std::fs::write(&file, "listen_adr = \"127.0.0.1:4000\"\n").unwrap();
+        let err = Settings::load_from_map(Some(&file), [], &Overrides::default()).unwrap_err();
+        assert!(err.to_string().contains("listen_adr"), "{err}");
+    }
+
+    #[test]
+    fn redaction_hides_passwords() {
+        assert_eq!(redact_url("postgres://u:pw@h/db"), "postgres://u:***@h/db");
+        assert_eq!(redact_url("sqlite://x.db"), "sqlite://x.db");
+    }
+}

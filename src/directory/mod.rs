@@ -1,0 +1,163 @@
+//! The instructor directory, classrooms and the help queue, stored in
+//! PostgreSQL (production) or SQLite (the embedded default).
+//!
+//! One set of SQL runs on both through sqlx's `Any` driver: ids are text,
+//! flags and timestamps are integers (milliseconds since the epoch).
+//! [`cache::DirectoryCache`] sits in front of the lookups made per
+//! connection.
+
+pub mod cache;
+mod classrooms;
+mod help;
+mod instructors;
+
+use std::path::Path;
+use std::sync::Once;
+use std::time::Duration;
+
+use sqlx::AnyPool;
+use sqlx::any::AnyPoolOptions;
+
+pub use classrooms::Classroom;
+pub use help::{ClaimOutcome, NewHelpRequest, ResolveOutcome};
+pub use instructors::{Instructor, normalize_email};
+
+use crate::config::redact_url;
+
+/// The embedded schema migrations (`migrations/`).
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// A directory failure. The URL in it has its password hidden.
+#[derive(Debug, thiserror::Error)]
+pub enum DirectoryError {
+    /// The database could not be reached or failed the query.
+    #[error("directory database error: {0}")]
+    Database(#[from] sqlx::Error),
+    /// Migrations could not be applied.
+    #[error("cannot apply migrations: {0}")]
+    Migrate(#[from] sqlx::migrate::MigrateError),
+    /// The row asked for does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The row to create exists already.
+    #[error("{0}")]
+    Conflict(String),
+    /// The input is not acceptable.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl DirectoryError {
+    /// Whether retrying could help (the database was unreachable or busy).
+    pub fn is_transient(&self) -> bool {
+        matches!(
+            self,
+            DirectoryError::Database(
+                sqlx::Error::Io(_)
+                    | sqlx::Error::PoolTimedOut
+                    | sqlx::Error::PoolClosed
+                    | sqlx::Error::Tls(_)
+                    | sqlx::Error::Protocol(_)
+                    | sqlx::Error::WorkerCrashed
+            )
+        ) || matches!(self, DirectoryError::Database(sqlx::Error::Database(e))
+                if e.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")))
+    }
+}
+
+/// Handle on the directory database; cheap to clone.
+#[derive(Clone)]
+pub struct Directory {
+    pool: AnyPool,
+}
+
+impl Directory {
+    /// Opens a pool for `url` without connecting yet, so that the gateway
+    /// starts (and reports not ready) while the database is away.
+    pub fn connect_lazy(url: &str) -> Result<Self, DirectoryError> {
+        static DRIVERS: Once = Once::new();
+        DRIVERS.call_once(sqlx::any::install_default_drivers);
+
+        if let Some(path) = sqlite_path(url)
+            && let Some(parent) = Path::new(path).parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|e| {
+                DirectoryError::Invalid(format!("cannot create {}: {e}", parent.display()))
+            })?;
+        }
+
+        let pool = AnyPoolOptions::new()
+            .max_connections(10)
+            .min_connections(0)
+            .acquire_timeout(Duration::from_secs(2))
+            .connect_lazy(url)
+            .map_err(|e| {
+                DirectoryError::Invalid(format!("bad database URL {}: {e}", redact_url(url)))
+            })?;
+        Ok(Directory { pool })
+    }
+
+    /// Applies every pending migration.
+    pub async fn migrate(&self) -> Result<(), DirectoryError> {
+        MIGRATOR.run(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Whether the schema lacks migrations this binary knows.
+    pub async fn pending_migrations(&self) -> Result<usize, DirectoryError> {
+        let applied: Vec<(i64,)> =
+            match sqlx::query_as("SELECT version FROM _sqlx_migrations WHERE success = TRUE")
+                .fetch_all(&self.pool)
+                .await
+            {
+                Ok(rows) => rows,
+                Err(sqlx::Error::Database(_)) => Vec::new(),
+                Err(e) => return Err(e.into()),
+            };
+        let known = MIGRATOR
+            .iter()
+            .filter(|m| m.migration_type.is_up_migration());
+        Ok(known
+            .filter(|m| !applied.iter().any(|(v,)| *v == m.version))
+            .count())
+    }
+
+    /// One round trip, for readiness.
+    pub async fn ping(&self) -> Result<(), DirectoryError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+
+    /// Closes the pool.
+    pub async fn close(&self) {
+        self.pool.close().await;
+    }
+}
+
+fn sqlite_path(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("sqlite://")
+        .or_else(|| url.strip_prefix("sqlite:"))?;
+    let path = rest.split('?').next().unwrap_or(rest);
+    (!path.is_empty() && path != ":memory:").then_some(path)
+}
+
+fn now_millis() -> i64 {
+    crate::model::to_millis(chrono::Utc::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlite_paths_are_found_in_urls() {
+        assert_eq!(
+            sqlite_path("sqlite://.cellgate/x.db?mode=rwc"),
+            Some(".cellgate/x.db")
+        );
+        assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(sqlite_path("postgres://h/db"), None);
+    }
+}

@@ -1,0 +1,186 @@
+//! The HTTP side: routes, the error type every handler answers with, and
+//! the operational endpoints.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::app::{App, SnapshotError};
+use crate::auth::{Refusal, Role, bearer};
+use crate::directory::DirectoryError;
+use crate::ingest::validate::FieldError;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECS: &str = "2";
+
+/// Every way an HTTP request can fail. The cause is logged once here; the
+/// client sees a stable code and a short detail, never internals.
+#[derive(Debug)]
+pub enum ApiError {
+    /// 401: no usable token.
+    Unauthorized(&'static str),
+    /// 401 with the refusal code of a bad token.
+    Token(Refusal),
+    /// 403: the token may not do this.
+    Forbidden(String),
+    /// 404: no such thing.
+    NotFound(String),
+    /// 400: the body is not JSON or could not be read.
+    BadBody(String),
+    /// 400: some fields are wrong.
+    Invalid(Vec<FieldError>),
+    /// 413: the body is larger than this many bytes.
+    TooLarge(usize),
+    /// 503: storage or the directory did not answer.
+    Unavailable(Arc<DirectoryError>),
+}
+
+impl ApiError {
+    /// Maps a token refusal to 401.
+    pub fn from_refusal(refusal: Refusal) -> Self {
+        ApiError::Token(refusal)
+    }
+
+    /// A 503 for a directory failure.
+    pub fn unavailable(error: Arc<DirectoryError>) -> Self {
+        ApiError::Unavailable(error)
+    }
+
+    /// A short label for the rejection metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ApiError::Unauthorized(_) | ApiError::Token(_) => "unauthorized",
+            ApiError::Forbidden(_) => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::BadBody(_) | ApiError::Invalid(_) => "invalid",
+            ApiError::TooLarge(_) => "too_large",
+            ApiError::Unavailable(_) => "unavailable",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::Unauthorized(detail) => (
+                StatusCode::UNAUTHORIZED,
+                json!({ "error": "invalid_token", "detail": detail }),
+            ),
+            ApiError::Token(refusal) => (
+                StatusCode::UNAUTHORIZED,
+                json!({ "error": refusal.code(), "detail": refusal.detail() }),
+            ),
+            ApiError::Forbidden(detail) => (
+                StatusCode::FORBIDDEN,
+                json!({ "error": "forbidden", "detail": detail }),
+            ),
+            ApiError::NotFound(detail) => (
+                StatusCode::NOT_FOUND,
+                json!({ "error": "not_found", "detail": detail }),
+            ),
+            ApiError::BadBody(message) => (
+                StatusCode::BAD_REQUEST,
+                json!({ "errors": [{ "index": 0, "field": "", "message": message }] }),
+            ),
+            ApiError::Invalid(errors) => (StatusCode::BAD_REQUEST, json!({ "errors": errors })),
+            ApiError::TooLarge(limit) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({ "error": "payload_too_large",
+                        "detail": format!("the body must not exceed {limit} bytes") }),
+            ),
+            ApiError::Unavailable(error) => {
+                tracing::warn!(error = %error, "request answered 503");
+                let body = json!({ "error": "unavailable",
+                                   "detail": "storage is unavailable; retry later" });
+                let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+                response.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from_static(RETRY_AFTER_SECS),
+                );
+                return response;
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// The application routes (the Socket.IO layer is added by the server).
+pub fn router(app: App) -> Router {
+    let limit = app.config().max_body_bytes;
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route(
+            "/api/v1/events",
+            post(crate::ingest::post_events).layer(DefaultBodyLimit::max(limit)),
+        )
+        .route("/api/v1/classrooms/{id}/snapshot", get(snapshot))
+        .with_state(app)
+}
+
+/// The metrics listener's routes.
+pub fn metrics_router(app: App) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .with_state(app)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    match app.directory().directory().ping().await {
+        Ok(()) => Json(json!({ "status": "ready", "directory": "ok" })).into_response(),
+        Err(error) => {
+            tracing::debug!(error = %error, "not ready: directory");
+            let body = json!({ "status": "not_ready", "directory": "unavailable" });
+            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
+        }
+    }
+}
+
+async fn metrics(State(app): State<App>) -> impl IntoResponse {
+    let content_type = [(
+        header::CONTENT_TYPE,
+        "text/plain; version=0.0.4; charset=utf-8",
+    )];
+    (content_type, app.metrics().render())
+}
+
+async fn snapshot(
+    State(app): State<App>,
+    Path(classroom): Path<String>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let header = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    let token = bearer(header).ok_or(ApiError::Unauthorized("no bearer token"))?;
+    let claims = app
+        .verifier()
+        .verify(token, Role::Instructor)
+        .map_err(ApiError::from_refusal)?;
+
+    let me = match app.directory().instructor(&claims.sub).await {
+        Ok(Some(me)) if me.is_active => me,
+        Ok(Some(_)) => return Err(ApiError::Forbidden("the instructor is deactivated".into())),
+        Ok(None) => return Err(ApiError::Forbidden("no such instructor".into())),
+        Err(error) => return Err(ApiError::unavailable(error)),
+    };
+    match app.snapshot(&classroom).await {
+        Ok(_) if !me.staffs(&classroom) => {
+            Err(ApiError::Forbidden(format!("not staff of {classroom}")))
+        }
+        Ok(snapshot) => Ok(Json(snapshot).into_response()),
+        Err(SnapshotError::NotFound) => {
+            Err(ApiError::NotFound(format!("no classroom {classroom}")))
+        }
+        Err(SnapshotError::Directory(error)) => Err(ApiError::unavailable(error)),
+    }
+}

@@ -1,0 +1,138 @@
+//! Connect-time authentication of a dashboard.
+
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::SocketRef;
+
+use crate::app::{App, Session};
+use crate::auth::{Refusal, Role, bearer};
+use crate::model::timestamp;
+
+/// Accepts or refuses a handshake. On success the socket carries its
+/// [`Session`]; on refusal the returned code is what the client reads as
+/// `err.message`. One log line either way, never with the token.
+pub(super) async fn authenticate<A: Adapter>(
+    app: &App,
+    s: &SocketRef<A>,
+    auth: Option<serde_json::Value>,
+) -> Result<(), Refusal> {
+    let started = Instant::now();
+    let outcome = check(app, s, auth).await;
+    let elapsed = started.elapsed();
+    let auth_duration_ms = elapsed.as_secs_f64() * 1000.0;
+    let metrics = app.metrics();
+
+    match &outcome {
+        Ok(session) => {
+            metrics
+                .auth_duration
+                .with_label_values(&["accepted"])
+                .observe(elapsed.as_secs_f64());
+            tracing::info!(
+                sid = %s.id,
+                instructor_id = %session.instructor_id,
+                auth_duration_ms,
+                "connection accepted"
+            );
+            s.extensions.insert(session.clone());
+            app.add_session(session.clone());
+            Ok(())
+        }
+        Err((refusal, instructor_id)) => {
+            metrics
+                .auth_duration
+                .with_label_values(&["refused"])
+                .observe(elapsed.as_secs_f64());
+            metrics
+                .auth_failures
+                .with_label_values(&[refusal.code()])
+                .inc();
+            let (sid, reason, detail) = (s.id.to_string(), refusal.code(), refusal.detail());
+            let instructor_id = instructor_id.as_deref().unwrap_or("");
+            if *refusal == Refusal::DirectoryUnavailable {
+                tracing::warn!(
+                    sid,
+                    reason,
+                    detail,
+                    instructor_id,
+                    auth_duration_ms,
+                    "connection refused"
+                );
+            } else {
+                tracing::info!(
+                    sid,
+                    reason,
+                    detail,
+                    instructor_id,
+                    auth_duration_ms,
+                    "connection refused"
+                );
+            }
+            Err(refusal.clone())
+        }
+    }
+}
+
+type Refused = (Refusal, Option<String>);
+
+async fn check<A: Adapter>(
+    app: &App,
+    s: &SocketRef<A>,
+    auth: Option<serde_json::Value>,
+) -> Result<Arc<Session>, Refused> {
+    let token = token_of(app, s, auth.as_ref()).ok_or((Refusal::invalid("no token"), None))?;
+    let claims = app
+        .verifier()
+        .verify(&token, Role::Instructor)
+        .map_err(|r| (r, None))?;
+
+    let instructor = match app.directory().instructor(&claims.sub).await {
+        Ok(Some(instructor)) => instructor,
+        Ok(None) => return Err((Refusal::InstructorNotFound, None)),
+        Err(error) => {
+            tracing::warn!(error = %error, "directory lookup failed during a handshake");
+            return Err((Refusal::DirectoryUnavailable, None));
+        }
+    };
+    if !instructor.is_active {
+        return Err((Refusal::InstructorInactive, Some(instructor.id)));
+    }
+
+    Ok(Arc::new(Session {
+        sid: s.id.to_string(),
+        instructor_id: instructor.id,
+        email: instructor.email,
+        name: instructor.name,
+        connected_at: timestamp(chrono::Utc::now()),
+        classrooms: Mutex::new(Vec::new()),
+    }))
+}
+
+/// The token from `auth.token`, else `Authorization: Bearer`, else (only
+/// when the operator allows it) the `token` query parameter.
+fn token_of<A: Adapter>(
+    app: &App,
+    s: &SocketRef<A>,
+    auth: Option<&serde_json::Value>,
+) -> Option<String> {
+    if let Some(token) = auth.and_then(|a| a.get("token")).and_then(|t| t.as_str()) {
+        return Some(token.to_string());
+    }
+    let parts = s.req_parts();
+    let header = parts
+        .headers
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if let Some(token) = bearer(header) {
+        return Some(token.to_string());
+    }
+    if app.config().allow_query_token {
+        let query = parts.uri.query().unwrap_or_default().as_bytes();
+        return form_urlencoded::parse(query)
+            .find(|(key, _)| key == "token")
+            .map(|(_, value)| value.into_owned());
+    }
+    None
+}

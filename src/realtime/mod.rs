@@ -1,0 +1,82 @@
+//! The dashboards' side: Socket.IO namespace `/`.
+//!
+//! A handshake runs [`handshake::authenticate`] as connect middleware; a
+//! refusal becomes the client's `connect_error` with the stable code as
+//! `err.message`. An accepted socket gets `connection_accepted` first, then
+//! the handlers in [`events`] answer its requests.
+
+mod events;
+mod handshake;
+
+use std::sync::Arc;
+
+use serde_json::json;
+use socketioxide::SocketIo;
+use socketioxide::adapter::Adapter;
+use socketioxide::extract::{SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
+use socketioxide::socket::DisconnectReason;
+use socketioxide_core::adapter::DefinedAdapter;
+
+use crate::app::{App, Session};
+use crate::model::{InstructorStatus, timestamp};
+
+/// Registers the `/` namespace on `io`.
+pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, app: App) -> A::InitRes {
+    let auth_app = app.clone();
+    let middleware = move |s: SocketRef<A>, TryData(auth): TryData<serde_json::Value>| {
+        let app = auth_app.clone();
+        async move { handshake::authenticate(&app, &s, auth.ok()).await }
+    };
+    let on_connect = move |s: SocketRef<A>| {
+        let app = app.clone();
+        async move { connected(app, s) }
+    };
+    io.ns("/", on_connect.with(middleware))
+}
+
+fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
+    let Some(session) = s.extensions.get::<Arc<Session>>() else {
+        // The middleware always stores a session before accepting.
+        tracing::error!(sid = %s.id, "accepted socket without a session");
+        let _ = s.disconnect();
+        return;
+    };
+
+    app.metrics().connected_sockets.inc();
+    let accepted = json!({
+        "sid": s.id.to_string(),
+        "instructor": { "id": session.instructor_id, "email": session.email, "name": session.name },
+        "node": app.config().node_id,
+        "server_time": timestamp(chrono::Utc::now()),
+    });
+    if let Err(error) = s.emit("connection_accepted", &accepted) {
+        tracing::debug!(sid = %s.id, %error, "socket left before connection_accepted");
+    }
+
+    events::register(&app, &s);
+    let disconnect_app = app.clone();
+    s.on_disconnect(move |s: SocketRef<A>, reason: DisconnectReason| {
+        let app = disconnect_app.clone();
+        async move { disconnected(app, s, reason).await }
+    });
+}
+
+async fn disconnected<A: Adapter>(app: App, s: SocketRef<A>, reason: DisconnectReason) {
+    app.metrics().connected_sockets.dec();
+    let Some(session) = app.remove_session(&s.id.to_string()) else {
+        return;
+    };
+    tracing::info!(sid = %s.id, instructor_id = %session.instructor_id, ?reason, "dashboard disconnected");
+
+    let classrooms = std::mem::take(&mut *session.classrooms.lock().expect("session lock"));
+    for classroom in classrooms {
+        events::left_classroom(&app, &session, &classroom).await;
+    }
+    app.live().forget_status(&session.instructor_id);
+}
+
+/// The payload of `instructor_status`.
+fn status_payload(session: &Session, status: InstructorStatus) -> serde_json::Value {
+    json!({ "instructor": session.instructor(), "status": status })
+}

@@ -1,0 +1,196 @@
+//! Assembling and running the gateway: directory, verifier, Socket.IO,
+//! HTTP routes and the metrics listener.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use socketioxide::SocketIo;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+
+use crate::app::{App, AppConfig};
+use crate::auth::Verifier;
+use crate::config::{Profile, ResolvedSettings, redact_url};
+use crate::directory::Directory;
+use crate::directory::cache::DirectoryCache;
+use crate::metrics::Metrics;
+
+/// Largest Socket.IO packet a dashboard may send, in bytes.
+const MAX_SOCKET_PAYLOAD: u64 = 64 * 1024;
+
+/// A gateway that is listening.
+pub struct Running {
+    /// Shared state, for callers that watch it (the demo).
+    pub app: App,
+    /// Where Socket.IO and the HTTP API listen.
+    pub addr: SocketAddr,
+    /// Where `/metrics` is served.
+    pub metrics_addr: SocketAddr,
+    server: JoinHandle<std::io::Result<()>>,
+    metrics_server: JoinHandle<std::io::Result<()>>,
+    shutdown: tokio::sync::watch::Sender<bool>,
+    directory: Directory,
+    io: SocketIo,
+}
+
+/// Opens the directory, applying or checking migrations as configured.
+pub async fn open_directory(settings: &ResolvedSettings) -> anyhow::Result<Directory> {
+    let directory = Directory::connect_lazy(&settings.database_url)?;
+    let url = redact_url(&settings.database_url);
+    if settings.auto_migrate {
+        directory
+            .migrate()
+            .await
+            .with_context(|| format!("cannot prepare the directory at {url}"))?;
+        return Ok(directory);
+    }
+    match directory.pending_migrations().await {
+        Ok(0) => {}
+        Ok(n) => {
+            bail!("the directory at {url} lacks {n} migration(s): run `cellgate migrate` first")
+        }
+        Err(error) => {
+            tracing::warn!(%error, database = %url, "directory unreachable at start-up; not ready until it answers");
+        }
+    }
+    Ok(directory)
+}
+
+/// Builds everything and starts listening.
+pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
+    let s = &settings.settings;
+    if s.redis_url.is_some() {
+        bail!(
+            "CELLGATE_REDIS_URL is set, but this build has no cluster mode yet: \
+             run a single pod and unset it"
+        );
+    }
+
+    let metrics = Metrics::new();
+    let directory = open_directory(&settings).await?;
+    let verifier = Verifier::new(s, &settings.key).context("unusable JWT key settings")?;
+    let ttl = Duration::from_secs(s.directory_cache_ttl_secs);
+    let cache = DirectoryCache::new(directory.clone(), ttl, metrics.clone());
+
+    let (layer, io) = SocketIo::builder()
+        .max_payload(MAX_SOCKET_PAYLOAD)
+        .build_layer();
+    let config = AppConfig {
+        node_id: settings.node_id.clone(),
+        max_body_bytes: s.max_body_bytes,
+        allow_query_token: s.allow_query_token,
+    };
+    let app = App::new(config, verifier, cache, metrics, Arc::new(io.clone()));
+    crate::realtime::register(&io, app.clone());
+
+    let listener = TcpListener::bind(s.listen_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} (CELLGATE_LISTEN_ADDR)", s.listen_addr))?;
+    let metrics_listener = TcpListener::bind(s.metrics_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} (CELLGATE_METRICS_ADDR)",
+            s.metrics_addr
+        )
+    })?;
+    let addr = listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
+    let (shutdown, watch) = tokio::sync::watch::channel(false);
+    let router = crate::http::router(app.clone()).layer(layer);
+    let server = tokio::spawn(serve_until(listener, router, watch.clone()));
+    let metrics_router = crate::http::metrics_router(app.clone());
+    let metrics_server = tokio::spawn(serve_until(metrics_listener, metrics_router, watch));
+
+    announce(&settings, addr, metrics_addr);
+    Ok(Running {
+        app,
+        addr,
+        metrics_addr,
+        server,
+        metrics_server,
+        shutdown,
+        directory,
+        io,
+    })
+}
+
+fn announce(settings: &ResolvedSettings, addr: SocketAddr, metrics_addr: SocketAddr) {
+    let profile = settings.settings.profile;
+    if profile == Profile::Dev {
+        tracing::warn!(
+            "DEVELOPMENT MODE: embedded defaults in use; not for production \
+             (set CELLGATE_PROFILE=production)"
+        );
+        for note in &settings.notes {
+            tracing::warn!("{note}");
+        }
+    } else {
+        for note in &settings.notes {
+            tracing::warn!("{note}");
+        }
+    }
+    tracing::info!(
+        %addr,
+        %metrics_addr,
+        node = %settings.node_id,
+        %profile,
+        database = %redact_url(&settings.database_url),
+        "cellgate listening"
+    );
+}
+
+async fn serve_until(
+    listener: TcpListener,
+    router: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let signal = async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .await
+}
+
+impl Running {
+    /// Runs until `signal` completes, then stops gracefully.
+    pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
+        signal.await;
+        tracing::info!("shutting down");
+        self.stop().await
+    }
+
+    /// Stops listening, lets in-flight requests finish, closes the directory.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        let _ = self.shutdown.send(true);
+        // Open WebSockets would hold the HTTP server open; close them first.
+        self.io.close().await;
+        let grace = Duration::from_secs(10);
+        let _ = tokio::time::timeout(grace, self.server).await;
+        let _ = tokio::time::timeout(grace, self.metrics_server).await;
+        self.directory.close().await;
+        Ok(())
+    }
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut term) => {
+                term.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
