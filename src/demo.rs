@@ -227,8 +227,9 @@ impl Student {
                 failures_in_a_row = if failed { failures_in_a_row + 1 } else { 0 };
                 batch.push(self.cell(&id, notebook, execution_count, failed));
             }
-            let asks = rand::rng().random_bool(0.3);
-            if waiting_for_help.is_none() && failures_in_a_row >= 2 && asks {
+            // About one student in twenty asks for help after a failure.
+            let asks = rand::rng().random_bool(0.05);
+            if waiting_for_help.is_none() && failures_in_a_row >= 1 && asks {
                 let request = uuid::Uuid::new_v4().to_string();
                 batch.push(self.help(&id, &request));
                 waiting_for_help = Some((request, tokio::time::Instant::now()));
