@@ -231,7 +231,7 @@ async fn instructors(
     settings: &ResolvedSettings,
     command: InstructorsCommand,
 ) -> anyhow::Result<()> {
-    let directory = crate::server::open_directory(settings).await?;
+    let directory = crate::server::open_directory(settings, false).await?;
     match command {
         InstructorsCommand::Add { email, name } => {
             let added = directory.add_instructor(&email, &name).await?;
@@ -270,7 +270,7 @@ async fn instructors(
 }
 
 async fn classrooms(settings: &ResolvedSettings, command: ClassroomsCommand) -> anyhow::Result<()> {
-    let directory = crate::server::open_directory(settings).await?;
+    let directory = crate::server::open_directory(settings, false).await?;
     match command {
         ClassroomsCommand::Add { id, seats } => {
             let seats = seats.unwrap_or(settings.settings.default_seats);

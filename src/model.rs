@@ -116,7 +116,8 @@ pub struct HelpRequest {
     pub created_at: String,
     /// Where it stands.
     pub status: HelpStatus,
-    /// Who claimed it, once claimed.
+    /// Who claimed it, once claimed (absent while open).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claimed_by: Option<InstructorRef>,
 }
 

@@ -21,6 +21,10 @@ use crate::metrics::Metrics;
 /// Largest Socket.IO packet a dashboard may send, in bytes.
 const MAX_SOCKET_PAYLOAD: u64 = 64 * 1024;
 
+/// Packets queued per dashboard before it counts as too slow. A full
+/// 500-event batch is 500 `cell_executed` plus up to 500 `seat_updated`.
+const OUTGOING_BUFFER_PACKETS: usize = 4096;
+
 /// A gateway that is listening.
 pub struct Running {
     /// Shared state, for callers that watch it (the demo).
@@ -37,26 +41,57 @@ pub struct Running {
 }
 
 /// Opens the directory, applying or checking migrations as configured.
-pub async fn open_directory(settings: &ResolvedSettings) -> anyhow::Result<Directory> {
+///
+/// With `tolerate_unreachable` (the gateway itself), a database that does
+/// not answer yet is not fatal: the gateway starts not ready, and pending
+/// migrations are retried in the background until they apply.
+pub async fn open_directory(
+    settings: &ResolvedSettings,
+    tolerate_unreachable: bool,
+) -> anyhow::Result<Directory> {
     let directory = Directory::connect_lazy(&settings.database_url)?;
     let url = redact_url(&settings.database_url);
-    if settings.auto_migrate {
-        directory
-            .migrate()
-            .await
-            .with_context(|| format!("cannot prepare the directory at {url}"))?;
-        return Ok(directory);
-    }
-    match directory.pending_migrations().await {
-        Ok(0) => {}
-        Ok(n) => {
-            bail!("the directory at {url} lacks {n} migration(s): run `cellgate migrate` first")
+    let prepared = if settings.auto_migrate {
+        directory.migrate().await
+    } else {
+        match directory.pending_migrations().await {
+            Ok(0) => Ok(()),
+            Ok(n) => {
+                bail!("the directory at {url} lacks {n} migration(s): run `cellgate migrate` first")
+            }
+            Err(error) => Err(error),
         }
-        Err(error) => {
+    };
+    match prepared {
+        Ok(()) => Ok(directory),
+        Err(error) if tolerate_unreachable && error.is_transient() => {
             tracing::warn!(%error, database = %url, "directory unreachable at start-up; not ready until it answers");
+            if settings.auto_migrate {
+                tokio::spawn(migrate_when_reachable(directory.clone()));
+            }
+            Ok(directory)
+        }
+        Err(error) => Err(error).with_context(|| format!("cannot prepare the directory at {url}")),
+    }
+}
+
+async fn migrate_when_reachable(directory: Directory) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        match directory.migrate().await {
+            Ok(()) => {
+                tracing::info!("directory reachable; migrations applied");
+                return;
+            }
+            Err(error) if error.is_transient() => {
+                tracing::debug!(%error, "directory still unreachable");
+            }
+            Err(error) => {
+                tracing::error!(%error, "cannot apply migrations; fix the database and restart");
+                return;
+            }
         }
     }
-    Ok(directory)
 }
 
 /// Builds everything and starts listening.
@@ -70,13 +105,14 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     }
 
     let metrics = Metrics::new();
-    let directory = open_directory(&settings).await?;
+    let directory = open_directory(&settings, true).await?;
     let verifier = Verifier::new(s, &settings.key).context("unusable JWT key settings")?;
     let ttl = Duration::from_secs(s.directory_cache_ttl_secs);
     let cache = DirectoryCache::new(directory.clone(), ttl, metrics.clone());
 
     let (layer, io) = SocketIo::builder()
         .max_payload(MAX_SOCKET_PAYLOAD)
+        .max_buffer_size(OUTGOING_BUFFER_PACKETS)
         .build_layer();
     let config = AppConfig {
         node_id: settings.node_id.clone(),

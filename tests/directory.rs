@@ -5,7 +5,9 @@ mod common;
 
 use std::sync::Arc;
 
-use cellgate::directory::{ClaimOutcome, Directory, DirectoryError, NewHelpRequest, ResolveOutcome};
+use cellgate::directory::{
+    ClaimOutcome, Directory, DirectoryError, NewHelpRequest, ResolveOutcome,
+};
 use cellgate::model::{HelpStatus, InstructorRef};
 use common::TestDb;
 
@@ -20,9 +22,15 @@ async fn classroom_with_staff(directory: &Directory, staff: usize) -> Vec<Instru
     let mut out = Vec::new();
     for n in 0..staff {
         let email = format!("t{n}@example.edu");
-        let added = directory.add_instructor(&email, &format!("Teacher {n}")).await.unwrap();
+        let added = directory
+            .add_instructor(&email, &format!("Teacher {n}"))
+            .await
+            .unwrap();
         directory.add_staff("cls-101", &email).await.unwrap();
-        out.push(InstructorRef { id: added.id, name: added.name });
+        out.push(InstructorRef {
+            id: added.id,
+            name: added.name,
+        });
     }
     out
 }
@@ -42,15 +50,29 @@ fn help(id: &str, seat: u32) -> NewHelpRequest {
 async fn instructors_are_found_by_email_with_their_classrooms() {
     for (backend, _db, directory) in both().await {
         classroom_with_staff(&directory, 1).await;
-        let found = directory.instructor_by_email(" T0@Example.edu ").await.unwrap().unwrap();
+        let found = directory
+            .instructor_by_email(" T0@Example.edu ")
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(found.email, "t0@example.edu", "{backend}");
         assert_eq!(found.classrooms, ["cls-101"], "{backend}");
         assert!(found.is_active, "{backend}");
 
         directory.set_active("t0@example.edu", false).await.unwrap();
-        let found = directory.instructor_by_email("t0@example.edu").await.unwrap().unwrap();
+        let found = directory
+            .instructor_by_email("t0@example.edu")
+            .await
+            .unwrap()
+            .unwrap();
         assert!(!found.is_active, "{backend}");
-        assert!(directory.instructor_by_email("nobody@example.edu").await.unwrap().is_none());
+        assert!(
+            directory
+                .instructor_by_email("nobody@example.edu")
+                .await
+                .unwrap()
+                .is_none()
+        );
     }
 }
 
@@ -58,15 +80,37 @@ async fn instructors_are_found_by_email_with_their_classrooms() {
 async fn duplicates_and_bad_input_are_refused_with_a_clear_error() {
     for (backend, _db, directory) in both().await {
         classroom_with_staff(&directory, 1).await;
-        let again = directory.add_instructor("t0@example.edu", "Again").await.unwrap_err();
-        assert!(matches!(again, DirectoryError::Conflict(_)), "{backend}: {again}");
+        let again = directory
+            .add_instructor("t0@example.edu", "Again")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(again, DirectoryError::Conflict(_)),
+            "{backend}: {again}"
+        );
         let room = directory.add_classroom("cls-101", 10).await.unwrap_err();
-        assert!(matches!(room, DirectoryError::Conflict(_)), "{backend}: {room}");
+        assert!(
+            matches!(room, DirectoryError::Conflict(_)),
+            "{backend}: {room}"
+        );
         let bad = directory.add_classroom("no spaces", 10).await.unwrap_err();
-        assert!(matches!(bad, DirectoryError::Invalid(_)), "{backend}: {bad}");
-        let missing = directory.add_staff("cls-101", "ghost@example.edu").await.unwrap_err();
-        assert!(matches!(missing, DirectoryError::NotFound(_)), "{backend}: {missing}");
-        assert_eq!(directory.pending_migrations().await.unwrap(), 0, "{backend}");
+        assert!(
+            matches!(bad, DirectoryError::Invalid(_)),
+            "{backend}: {bad}"
+        );
+        let missing = directory
+            .add_staff("cls-101", "ghost@example.edu")
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(missing, DirectoryError::NotFound(_)),
+            "{backend}: {missing}"
+        );
+        assert_eq!(
+            directory.pending_migrations().await.unwrap(),
+            0,
+            "{backend}"
+        );
     }
 }
 
@@ -74,9 +118,15 @@ async fn duplicates_and_bad_input_are_refused_with_a_clear_error() {
 async fn a_help_request_is_stored_once() {
     for (backend, _db, directory) in both().await {
         classroom_with_staff(&directory, 1).await;
-        let fresh = directory.insert_help_requests(&[help("r1", 4), help("r2", 5)]).await.unwrap();
+        let fresh = directory
+            .insert_help_requests(&[help("r1", 4), help("r2", 5)])
+            .await
+            .unwrap();
         assert_eq!(fresh, [true, true], "{backend}");
-        let again = directory.insert_help_requests(&[help("r1", 4)]).await.unwrap();
+        let again = directory
+            .insert_help_requests(&[help("r1", 4)])
+            .await
+            .unwrap();
         assert_eq!(again, [false], "{backend}");
 
         let queue = directory.help_queue("cls-101").await.unwrap();
@@ -90,7 +140,10 @@ async fn a_help_request_is_stored_once() {
 async fn of_twenty_racing_claims_exactly_one_wins() {
     for (backend, _db, directory) in both().await {
         let staff = classroom_with_staff(&directory, 20).await;
-        directory.insert_help_requests(&[help("r1", 4)]).await.unwrap();
+        directory
+            .insert_help_requests(&[help("r1", 4)])
+            .await
+            .unwrap();
 
         let directory = Arc::new(directory);
         let claims = staff.iter().cloned().map(|who| {
@@ -110,7 +163,10 @@ async fn of_twenty_racing_claims_exactly_one_wins() {
         }
         assert_eq!(winners.len(), 1, "{backend}");
         assert_eq!(losers.len(), 19, "{backend}");
-        assert!(losers.iter().all(|by| *by == winners[0]), "{backend}: losers name the winner");
+        assert!(
+            losers.iter().all(|by| *by == winners[0]),
+            "{backend}: losers name the winner"
+        );
     }
 }
 
@@ -118,20 +174,43 @@ async fn of_twenty_racing_claims_exactly_one_wins() {
 async fn resolve_and_cancel_close_requests() {
     for (backend, _db, directory) in both().await {
         let staff = classroom_with_staff(&directory, 1).await;
-        directory.insert_help_requests(&[help("r1", 4), help("r2", 5)]).await.unwrap();
+        directory
+            .insert_help_requests(&[help("r1", 4), help("r2", 5)])
+            .await
+            .unwrap();
 
         let resolved = directory.resolve_help("r1", &staff[0]).await.unwrap();
-        assert!(matches!(resolved, ResolveOutcome::Resolved { .. }), "{backend}");
+        assert!(
+            matches!(resolved, ResolveOutcome::Resolved { .. }),
+            "{backend}"
+        );
         let again = directory.resolve_help("r1", &staff[0]).await.unwrap();
-        assert_eq!(again, ResolveOutcome::Closed(HelpStatus::Resolved), "{backend}");
-        assert_eq!(directory.resolve_help("nope", &staff[0]).await.unwrap(), ResolveOutcome::NotFound);
+        assert_eq!(
+            again,
+            ResolveOutcome::Closed(HelpStatus::Resolved),
+            "{backend}"
+        );
+        assert_eq!(
+            directory.resolve_help("nope", &staff[0]).await.unwrap(),
+            ResolveOutcome::NotFound
+        );
 
-        let cancelled = directory.cancel_help("cls-101", "s-0005", None).await.unwrap();
+        let cancelled = directory
+            .cancel_help("cls-101", "s-0005", None)
+            .await
+            .unwrap();
         assert_eq!(cancelled.len(), 1, "{backend}");
         assert_eq!(cancelled[0].request_id, "r2");
         let claim = directory.claim_help("r2", &staff[0]).await.unwrap();
-        assert_eq!(claim, ClaimOutcome::Closed(HelpStatus::Cancelled), "{backend}");
-        assert!(directory.help_queue("cls-101").await.unwrap().is_empty(), "{backend}");
+        assert_eq!(
+            claim,
+            ClaimOutcome::Closed(HelpStatus::Cancelled),
+            "{backend}"
+        );
+        assert!(
+            directory.help_queue("cls-101").await.unwrap().is_empty(),
+            "{backend}"
+        );
     }
 }
 

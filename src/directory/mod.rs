@@ -50,18 +50,28 @@ pub enum DirectoryError {
 impl DirectoryError {
     /// Whether retrying could help (the database was unreachable or busy).
     pub fn is_transient(&self) -> bool {
-        matches!(
-            self,
-            DirectoryError::Database(
-                sqlx::Error::Io(_)
-                    | sqlx::Error::PoolTimedOut
-                    | sqlx::Error::PoolClosed
-                    | sqlx::Error::Tls(_)
-                    | sqlx::Error::Protocol(_)
-                    | sqlx::Error::WorkerCrashed
-            )
-        ) || matches!(self, DirectoryError::Database(sqlx::Error::Database(e))
-                if e.code().is_some_and(|c| c.starts_with("08") || c.starts_with("57P")))
+        match self {
+            DirectoryError::Database(e) => transient_sqlx(e),
+            DirectoryError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => transient_sqlx(e),
+            _ => false,
+        }
+    }
+}
+
+fn transient_sqlx(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::WorkerCrashed => true,
+        // Connection exceptions (08…) and operator intervention such as a
+        // shutdown in progress (57P…).
+        sqlx::Error::Database(e) => e
+            .code()
+            .is_some_and(|c| c.starts_with("08") || c.starts_with("57P")),
+        _ => false,
     }
 }
 

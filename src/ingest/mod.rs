@@ -6,7 +6,7 @@
 
 pub mod validate;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -23,7 +23,7 @@ use crate::auth::{Claims, Role, bearer};
 use crate::classroom::SeatChange;
 use crate::directory::NewHelpRequest;
 use crate::http::ApiError;
-use crate::model::{HelpRequest, HelpStatus, timestamp, to_millis};
+use crate::model::{HelpRequest, HelpStatus, Seat, timestamp, to_millis};
 use validate::{Event, EventType, Invalid, validate};
 
 /// The handler of `POST /api/v1/events`.
@@ -58,8 +58,13 @@ async fn ingest(
     let token = bearer(header).ok_or(ApiError::Unauthorized("no bearer token"))?;
     let claims = app
         .verifier()
-        .verify(token, Role::Student)
+        .verify_any_role(token)
         .map_err(ApiError::from_refusal)?;
+    if claims.role != Role::Student {
+        return Err(ApiError::Forbidden(
+            "only student tokens may post events".into(),
+        ));
+    }
     let classroom_id = claims.classroom.clone().ok_or(ApiError::Forbidden(
         "the student token names no classroom".into(),
     ))?;
@@ -127,6 +132,8 @@ async fn apply(
         .map(|(h, fresh)| (h.request_id.clone(), fresh))
         .collect();
 
+    // Only the last state of each seat is sent, once per request.
+    let mut seats_changed = BTreeMap::new();
     let mut accepted = 0usize;
     for event in events {
         let key = format!("{classroom}/{}", event.id);
@@ -138,9 +145,13 @@ async fn apply(
             duplicate_ids.push(event.id);
             continue;
         }
-        if let Err(error) = apply_one(app, claims, classroom, seats, &event, received).await {
-            app.forget_sighting(&key).await;
-            return Err(error);
+        match apply_one(app, claims, classroom, seats, &event, received).await {
+            Ok(changed) => seats_changed.extend(changed.into_iter().map(|s| (s.seat, s))),
+            Err(error) => {
+                app.forget_sighting(&key).await;
+                broadcast_seats(app, classroom, seats_changed).await;
+                return Err(error);
+            }
         }
         accepted += 1;
         app.metrics()
@@ -149,6 +160,7 @@ async fn apply(
             .inc();
     }
 
+    broadcast_seats(app, classroom, seats_changed).await;
     app.metrics()
         .events_duplicate
         .inc_by(duplicate_ids.len() as u64);
@@ -171,8 +183,9 @@ async fn apply_one(
     seats: u32,
     event: &Event,
     received: chrono::DateTime<Utc>,
-) -> Result<(), ApiError> {
+) -> Result<Vec<Seat>, ApiError> {
     let student = claims.sub.as_str();
+    let live = app.live();
     match event.kind {
         EventType::CellExecuted => {
             let mut payload = event.body.clone();
@@ -182,10 +195,9 @@ async fn apply_one(
                 student,
                 failed: event.failed,
             };
-            let seat = app
-                .live()
-                .update_seat(classroom, seats, event.seat, change, received);
-            app.broadcast(classroom, "seat_updated", seat).await;
+            Ok(vec![live.update_seat(
+                classroom, seats, event.seat, change, received,
+            )])
         }
         EventType::HelpRequested => {
             let request = HelpRequest {
@@ -200,10 +212,9 @@ async fn apply_one(
             };
             app.broadcast(classroom, "help_requested", request).await;
             let change = SeatChange::HelpOpened { student };
-            let seat = app
-                .live()
-                .update_seat(classroom, seats, event.seat, change, received);
-            app.broadcast(classroom, "seat_updated", seat).await;
+            Ok(vec![live.update_seat(
+                classroom, seats, event.seat, change, received,
+            )])
         }
         EventType::HelpCancelled => {
             let cancelled = app
@@ -212,20 +223,21 @@ async fn apply_one(
                 .cancel_help(classroom, student, event.request_id.as_deref())
                 .await
                 .map_err(|e| ApiError::unavailable(Arc::new(e)))?;
+            let mut changed = Vec::with_capacity(cancelled.len());
             for request in cancelled {
                 let payload = json!({ "request_id": request.request_id });
                 app.broadcast(classroom, "help_cancelled", payload).await;
                 let seat = request.seat.clamp(1, seats);
-                let seat = app.live().update_seat(
-                    classroom,
-                    seats,
-                    seat,
-                    SeatChange::HelpClosed,
-                    received,
-                );
-                app.broadcast(classroom, "seat_updated", seat).await;
+                let change = SeatChange::HelpClosed;
+                changed.push(live.update_seat(classroom, seats, seat, change, received));
             }
+            Ok(changed)
         }
     }
-    Ok(())
+}
+
+async fn broadcast_seats(app: &App, classroom: &str, seats: BTreeMap<u32, Seat>) {
+    for seat in seats.into_values() {
+        app.broadcast(classroom, "seat_updated", seat).await;
+    }
 }

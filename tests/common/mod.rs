@@ -24,7 +24,11 @@ impl TestDb {
     pub async fn postgres() -> (Self, Directory) {
         let name = format!("cellgate_test_{}", uuid::Uuid::new_v4().simple());
         psql(&format!("CREATE DATABASE {name}"));
-        let db = TestDb { url: format!("{}/{name}", postgres_server()), name: Some(name), _dir: None };
+        let db = TestDb {
+            url: format!("{}/{name}", postgres_server()),
+            name: Some(name),
+            _dir: None,
+        };
         let directory = Directory::connect_lazy(&db.url).expect("pool");
         directory.migrate().await.expect("migrate");
         (db, directory)
@@ -34,7 +38,11 @@ impl TestDb {
     pub async fn sqlite() -> (Self, Directory) {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}/directory.db?mode=rwc", dir.path().display());
-        let db = TestDb { url, name: None, _dir: Some(dir) };
+        let db = TestDb {
+            url,
+            name: None,
+            _dir: Some(dir),
+        };
         let directory = Directory::connect_lazy(&db.url).expect("pool");
         directory.migrate().await.expect("migrate");
         (db, directory)
@@ -52,7 +60,13 @@ impl Drop for TestDb {
 fn psql(sql: &str) {
     let server = postgres_server();
     let status = std::process::Command::new("psql")
-        .args([&format!("{server}/test"), "-v", "ON_ERROR_STOP=1", "-qc", sql])
+        .args([
+            &format!("{server}/test"),
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-qc",
+            sql,
+        ])
         .status()
         .expect("psql must be installed to run the PostgreSQL tests");
     assert!(status.success(), "psql failed: {sql}");
