@@ -4,35 +4,41 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
-use moka::future::Cache;
 use serde::Serialize;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
 
 use crate::auth::Verifier;
-use crate::classroom::LiveState;
+use crate::cluster::health::ClusterHealth;
 use crate::directory::DirectoryError;
 use crate::directory::cache::DirectoryCache;
+use crate::live::{Live, LiveError};
 use crate::metrics::Metrics;
 use crate::model::{InstructorRef, Snapshot, classroom_room};
 
-/// How long an event id is remembered for idempotency.
-const DEDUPE_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// How many event ids are remembered at most.
-const DEDUPE_CAPACITY: u64 = 2_000_000;
-
-/// Sends an event to every dashboard in a room, on every node.
+/// Sends an event to every dashboard in a room.
 pub trait Broadcaster: Send + Sync + 'static {
-    /// Emits `event` with `payload` to `room`.
+    /// Emits `event` with `payload` to `room` on every node.
     fn emit<'a>(
         &'a self,
         room: String,
         event: &'static str,
-        payload: serde_json::Value,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>>;
+        payload: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Emits only to this node's dashboards (when the cluster is away).
+    fn emit_local<'a>(
+        &'a self,
+        room: String,
+        event: &'static str,
+        payload: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), String>>;
+
+    /// Disconnects every dashboard of this node.
+    fn close(&self) -> BoxFuture<'_, ()>;
 }
 
 impl<A: Adapter> Broadcaster for SocketIo<A> {
@@ -40,16 +46,40 @@ impl<A: Adapter> Broadcaster for SocketIo<A> {
         &'a self,
         room: String,
         event: &'static str,
-        payload: serde_json::Value,
-    ) -> Pin<Box<dyn Future<Output = Result<(), String>> + Send + 'a>> {
+        payload: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             self.to(room)
-                .emit(event, &payload)
+                .emit(event, payload)
                 .await
                 .map_err(|e| e.to_string())
         })
     }
+
+    fn emit_local<'a>(
+        &'a self,
+        room: String,
+        event: &'static str,
+        payload: &'a serde_json::Value,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            self.local()
+                .to(room)
+                .emit(event, payload)
+                .await
+                .map_err(|e| e.to_string())
+        })
+    }
+
+    fn close(&self) -> BoxFuture<'_, ()> {
+        Box::pin(SocketIo::close(self))
+    }
 }
+
+/// A broadcast reached this node's dashboards only: the cluster did not
+/// take it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NotForwarded;
 
 /// One authenticated dashboard connection. Nothing secret is kept.
 #[derive(Debug)]
@@ -99,11 +129,11 @@ struct Inner {
     config: AppConfig,
     verifier: Verifier,
     directory: DirectoryCache,
-    live: LiveState,
+    live: Live,
     sessions: Mutex<HashMap<String, Arc<Session>>>,
-    seen_events: Cache<String, ()>,
     metrics: Metrics,
     broadcaster: Arc<dyn Broadcaster>,
+    cluster_health: Option<Arc<ClusterHealth>>,
 }
 
 /// A snapshot could not be built.
@@ -115,6 +145,9 @@ pub enum SnapshotError {
     /// The directory failed.
     #[error(transparent)]
     Directory(#[from] Arc<DirectoryError>),
+    /// Shared live state failed.
+    #[error(transparent)]
+    Live(#[from] LiveError),
 }
 
 impl From<DirectoryError> for SnapshotError {
@@ -131,21 +164,19 @@ impl App {
         directory: DirectoryCache,
         metrics: Metrics,
         broadcaster: Arc<dyn Broadcaster>,
+        live: Live,
+        cluster_health: Option<Arc<ClusterHealth>>,
     ) -> Self {
-        let seen_events = Cache::builder()
-            .max_capacity(DEDUPE_CAPACITY)
-            .time_to_live(DEDUPE_TTL)
-            .build();
         App {
             inner: Arc::new(Inner {
                 config,
                 verifier,
                 directory,
-                live: LiveState::default(),
+                live,
                 sessions: Mutex::new(HashMap::new()),
-                seen_events,
                 metrics,
                 broadcaster,
+                cluster_health,
             }),
         }
     }
@@ -165,9 +196,27 @@ impl App {
         &self.inner.directory
     }
 
-    /// Live seat map and presence.
-    pub fn live(&self) -> &LiveState {
+    /// Live seat map, presence, status and event ids.
+    pub fn live(&self) -> &Live {
         &self.inner.live
+    }
+
+    /// `false` in cluster mode while this pod cannot hear the cluster.
+    pub fn cluster_healthy(&self) -> bool {
+        self.inner
+            .cluster_health
+            .as_ref()
+            .is_none_or(|h| h.is_healthy())
+    }
+
+    /// Whether this pod runs in cluster mode.
+    pub fn clustered(&self) -> bool {
+        self.inner.cluster_health.is_some()
+    }
+
+    /// Disconnects this pod's dashboards.
+    pub async fn close_sockets(&self) {
+        self.inner.broadcaster.close().await;
     }
 
     /// Metric handles.
@@ -175,43 +224,69 @@ impl App {
         &self.inner.metrics
     }
 
-    /// Emits `event` to every dashboard in `classroom`, logging a failure.
-    pub async fn broadcast(&self, classroom: &str, event: &'static str, payload: impl Serialize) {
+    /// Emits `event` to every dashboard in `classroom`. When the cluster does
+    /// not take it, this node's dashboards still get it, and the caller
+    /// learns it was [`NotForwarded`].
+    pub async fn broadcast(
+        &self,
+        classroom: &str,
+        event: &'static str,
+        payload: impl Serialize,
+    ) -> Result<(), NotForwarded> {
         let payload = serde_json::to_value(payload).expect("wire types serialize");
         let room = classroom_room(classroom);
-        if let Err(error) = self.inner.broadcaster.emit(room, event, payload).await {
-            tracing::warn!(classroom, event, %error, "broadcast failed");
+        let broadcaster = &self.inner.broadcaster;
+        let Err(error) = broadcaster.emit(room.clone(), event, &payload).await else {
+            return Ok(());
+        };
+        if !self.clustered() {
+            // A single node only fails on a dashboard's full queue; the
+            // others got the event.
+            tracing::debug!(classroom, event, %error, "a dashboard missed a broadcast");
+            return Ok(());
         }
+        tracing::warn!(classroom, event, %error, "broadcast not forwarded to the cluster; local only");
+        if let Err(error) = broadcaster.emit_local(room, event, &payload).await {
+            tracing::debug!(classroom, event, %error, "a local dashboard missed a broadcast");
+        }
+        Err(NotForwarded)
     }
 
-    /// Remembers an event id; `true` when it was not seen before.
-    pub async fn first_sighting(&self, key: String) -> bool {
-        self.inner
-            .seen_events
-            .entry(key)
-            .or_insert(())
-            .await
-            .is_fresh()
+    /// Like [`App::broadcast`], for callers that have nobody to tell when the
+    /// cluster did not take it (it is logged and counted already).
+    pub async fn notify(&self, classroom: &str, event: &'static str, payload: impl Serialize) {
+        let _ = self.broadcast(classroom, event, payload).await;
     }
 
-    /// Forgets an event id whose application failed, so a retry applies it.
-    pub async fn forget_sighting(&self, key: &str) {
-        self.inner.seen_events.invalidate(key).await;
-    }
-
-    /// Registers an accepted dashboard.
-    pub fn add_session(&self, session: Arc<Session>) {
+    /// Registers an accepted dashboard, here and in shared storage.
+    pub async fn add_session(&self, session: Arc<Session>) -> Result<(), LiveError> {
+        self.live()
+            .open_session(&session, &self.config().node_id)
+            .await?;
         let mut sessions = self.inner.sessions.lock().expect("sessions lock");
         sessions.insert(session.sid.clone(), session);
+        Ok(())
     }
 
-    /// Removes a dashboard's session; returns it if it was there.
+    /// Removes a dashboard's session from this pod; the caller closes it in
+    /// shared storage once the socket has left its classrooms.
     pub fn remove_session(&self, sid: &str) -> Option<Arc<Session>> {
         self.inner
             .sessions
             .lock()
             .expect("sessions lock")
             .remove(sid)
+    }
+
+    /// This pod's sessions.
+    pub fn sessions(&self) -> Vec<Arc<Session>> {
+        self.inner
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .cloned()
+            .collect()
     }
 
     /// Number of live sessions.
@@ -227,9 +302,12 @@ impl App {
         let help_queue = self.directory().directory().help_queue(classroom).await?;
         Ok(Snapshot {
             classroom: room.id,
-            seats: self.live().seats(classroom, room.seats, &help_queue),
+            seats: self
+                .live()
+                .seats(classroom, room.seats, &help_queue)
+                .await?,
             help_queue,
-            instructors: self.live().present(classroom),
+            instructors: self.live().present(classroom).await?,
         })
     }
 }

@@ -10,6 +10,7 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 
 use crate::model::{
     HelpRequest, InstructorRef, InstructorStatus, PresentInstructor, Seat, SeatStatus, timestamp,
@@ -18,20 +19,50 @@ use crate::model::{
 /// A seat that has been quiet this long shows as idle again.
 const IDLE_AFTER: Duration = Duration::from_secs(10 * 60);
 
-#[derive(Debug, Clone, Default)]
-struct SeatState {
+/// What is known of one seat. Stored as JSON in cluster mode, so the field
+/// names are part of the Redis format (see `cluster::store`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SeatState {
+    #[serde(default)]
     student: Option<String>,
-    last_event_at: Option<DateTime<Utc>>,
+    /// Last accepted event, milliseconds since the epoch.
+    #[serde(default, rename = "last")]
+    last_event_ms: Option<i64>,
+    #[serde(default, rename = "failed")]
     last_cell_failed: Option<bool>,
+    #[serde(default)]
     errors: u64,
+    #[serde(default)]
     open_help: u32,
 }
 
 impl SeatState {
-    fn view(&self, seat: u32, now: DateTime<Utc>) -> Seat {
-        let quiet = self
-            .last_event_at
-            .is_none_or(|at| (now - at).to_std().unwrap_or_default() > IDLE_AFTER);
+    /// Parses the stored form; an unreadable entry reads as an empty seat.
+    pub fn from_json(raw: &str) -> Self {
+        serde_json::from_str(raw).unwrap_or_default()
+    }
+
+    fn apply(&mut self, change: SeatChange<'_>, at: DateTime<Utc>) {
+        match change {
+            SeatChange::Cell { student, failed } => {
+                self.student = Some(student.to_string());
+                self.last_event_ms = Some(at.timestamp_millis());
+                self.last_cell_failed = Some(failed);
+                self.errors += u64::from(failed);
+            }
+            SeatChange::HelpOpened { student } => {
+                self.student = Some(student.to_string());
+                self.last_event_ms = Some(at.timestamp_millis());
+                self.open_help += 1;
+            }
+            SeatChange::HelpClosed => self.open_help = self.open_help.saturating_sub(1),
+        }
+    }
+
+    /// The seat as dashboards see it at `now`.
+    pub fn view(&self, seat: u32, now: DateTime<Utc>) -> Seat {
+        let last = self.last_event_ms.and_then(DateTime::from_timestamp_millis);
+        let quiet = last.is_none_or(|at| (now - at).to_std().unwrap_or_default() > IDLE_AFTER);
         let status = match (self.open_help, self.last_cell_failed) {
             (1.., _) => SeatStatus::Help,
             _ if quiet => SeatStatus::Idle,
@@ -42,9 +73,29 @@ impl SeatState {
             seat,
             student: self.student.clone(),
             status,
-            last_event_at: self.last_event_at.map(timestamp),
+            last_event_at: last.map(timestamp),
             errors: self.errors,
         }
+    }
+
+    /// Views seats `1..=states.len()`, with `help_queue` (the durable truth)
+    /// deciding which seats wait for help.
+    pub fn view_all(
+        states: Vec<SeatState>,
+        help_queue: &[HelpRequest],
+        now: DateTime<Utc>,
+    ) -> Vec<Seat> {
+        states
+            .into_iter()
+            .zip(1..)
+            .map(|(mut state, n)| {
+                state.open_help = help_queue.iter().filter(|h| h.seat == n).count() as u32;
+                if let Some(request) = help_queue.iter().find(|h| h.seat == n) {
+                    state.student.get_or_insert_with(|| request.student.clone());
+                }
+                state.view(n, now)
+            })
+            .collect()
     }
 }
 
@@ -108,42 +159,23 @@ impl LiveState {
         let mut inner = self.inner.lock().expect("live state lock");
         let room = inner.rooms.entry(classroom.to_string()).or_default();
         let state = room.seat_mut(seats, seat);
-        match change {
-            SeatChange::Cell { student, failed } => {
-                state.student = Some(student.to_string());
-                state.last_event_at = Some(at);
-                state.last_cell_failed = Some(failed);
-                state.errors += u64::from(failed);
-            }
-            SeatChange::HelpOpened { student } => {
-                state.student = Some(student.to_string());
-                state.last_event_at = Some(at);
-                state.open_help += 1;
-            }
-            SeatChange::HelpClosed => state.open_help = state.open_help.saturating_sub(1),
-        }
+        state.apply(change, at);
         state.view(seat, at)
     }
 
     /// Every seat of a classroom, with `help_queue` (the durable truth)
     /// deciding which seats wait for help.
     pub fn seats(&self, classroom: &str, seats: u32, help_queue: &[HelpRequest]) -> Vec<Seat> {
-        let now = Utc::now();
         let inner = self.inner.lock().expect("live state lock");
         let room = inner.rooms.get(classroom);
-        (1..=seats)
+        let states = (1..=seats)
             .map(|n| {
-                let mut state = room
-                    .and_then(|r| r.seats.get((n - 1) as usize))
+                room.and_then(|r| r.seats.get((n - 1) as usize))
                     .cloned()
-                    .unwrap_or_default();
-                state.open_help = help_queue.iter().filter(|h| h.seat == n).count() as u32;
-                if let Some(request) = help_queue.iter().find(|h| h.seat == n) {
-                    state.student.get_or_insert_with(|| request.student.clone());
-                }
-                state.view(n, now)
+                    .unwrap_or_default()
             })
-            .collect()
+            .collect();
+        SeatState::view_all(states, help_queue, Utc::now())
     }
 
     /// Records that `socket` of `instructor` watches `classroom`. Returns

@@ -14,6 +14,7 @@ use crate::app::{App, SnapshotError};
 use crate::auth::{Refusal, Role, bearer};
 use crate::directory::DirectoryError;
 use crate::ingest::validate::FieldError;
+use crate::live::LiveError;
 
 /// Seconds a client should wait before retrying a 503.
 const RETRY_AFTER_SECS: &str = "2";
@@ -38,6 +39,10 @@ pub enum ApiError {
     TooLarge(usize),
     /// 503: storage or the directory did not answer.
     Unavailable(Arc<DirectoryError>),
+    /// 503: shared live state (Redis) did not answer.
+    Shared(LiveError),
+    /// 503: the event could not be forwarded to the other pods.
+    NotForwarded,
 }
 
 impl ApiError {
@@ -51,6 +56,11 @@ impl ApiError {
         ApiError::Unavailable(error)
     }
 
+    /// A 503 for a shared-state failure.
+    pub fn shared(error: LiveError) -> Self {
+        ApiError::Shared(error)
+    }
+
     /// A short label for the rejection metric.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -59,7 +69,8 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::BadBody(_) | ApiError::Invalid(_) => "invalid",
             ApiError::TooLarge(_) => "too_large",
-            ApiError::Unavailable(_) => "unavailable",
+            ApiError::Unavailable(_) | ApiError::Shared(_) => "unavailable",
+            ApiError::NotForwarded => "cluster_unavailable",
         }
     }
 }
@@ -93,10 +104,15 @@ impl IntoResponse for ApiError {
                 json!({ "error": "payload_too_large",
                         "detail": format!("the body must not exceed {limit} bytes") }),
             ),
-            ApiError::Unavailable(error) => {
-                tracing::warn!(error = %error, "request answered 503");
+            ApiError::Unavailable(_) | ApiError::Shared(_) | ApiError::NotForwarded => {
+                let detail = match &self {
+                    ApiError::Unavailable(error) => error.to_string(),
+                    ApiError::Shared(error) => error.to_string(),
+                    _ => "this pod cannot reach the cluster".to_string(),
+                };
+                tracing::warn!(error = %detail, "request answered 503");
                 let body = json!({ "error": "unavailable",
-                                   "detail": "storage is unavailable; retry later" });
+                                   "detail": "the gateway cannot store or forward this now; retry later" });
                 let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
                 response.headers_mut().insert(
                     header::RETRY_AFTER,
@@ -135,14 +151,29 @@ async fn healthz() -> Json<serde_json::Value> {
 }
 
 async fn readyz(State(app): State<App>) -> Response {
-    match app.directory().directory().ping().await {
-        Ok(()) => Json(json!({ "status": "ready", "directory": "ok" })).into_response(),
-        Err(error) => {
-            tracing::debug!(error = %error, "not ready: directory");
-            let body = json!({ "status": "not_ready", "directory": "unavailable" });
-            (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response()
-        }
+    let directory = app.directory().directory().ping().await;
+    if let Err(error) = &directory {
+        tracing::debug!(%error, "not ready: directory");
     }
+    let cluster = match (app.clustered(), app.cluster_healthy()) {
+        (false, _) => "single-node",
+        (true, true) => "ok",
+        (true, false) => "unavailable",
+    };
+    let directory = if directory.is_ok() {
+        "ok"
+    } else {
+        "unavailable"
+    };
+    let ready = directory == "ok" && cluster != "unavailable";
+    let status = if ready { "ready" } else { "not_ready" };
+    let body = Json(json!({ "status": status, "directory": directory, "cluster": cluster }));
+    let code = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (code, body).into_response()
 }
 
 async fn metrics(State(app): State<App>) -> impl IntoResponse {
@@ -182,5 +213,6 @@ async fn snapshot(
             Err(ApiError::NotFound(format!("no classroom {classroom}")))
         }
         Err(SnapshotError::Directory(error)) => Err(ApiError::unavailable(error)),
+        Err(SnapshotError::Live(error)) => Err(ApiError::shared(error)),
     }
 }

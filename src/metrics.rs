@@ -44,6 +44,12 @@ pub struct Metrics {
     pub directory_cache_hits: IntCounter,
     /// Directory lookups that went to the database.
     pub directory_cache_misses: IntCounter,
+    /// 1 while this pod hears the cluster's pub/sub (always 1 on a single node).
+    pub cluster_healthy: IntGauge,
+    /// Cluster messages received but not handed to the adapter.
+    pub cluster_messages_dropped: IntCounter,
+    /// Broadcasts the cluster did not take (Redis failed or timed out).
+    pub cluster_publish_errors: IntCounter,
 }
 
 impl Metrics {
@@ -125,8 +131,24 @@ impl Metrics {
                 "Directory lookups that went to the database.",
             )
             .expect("valid metric"),
+            cluster_healthy: IntGauge::new(
+                "cellgate_cluster_healthy",
+                "1 while this pod hears the cluster's pub/sub round trip; 1 on a single node.",
+            )
+            .expect("valid metric"),
+            cluster_messages_dropped: IntCounter::new(
+                "cellgate_cluster_messages_dropped_total",
+                "Cluster messages received but not handed to the Socket.IO adapter.",
+            )
+            .expect("valid metric"),
+            cluster_publish_errors: IntCounter::new(
+                "cellgate_cluster_publish_errors_total",
+                "Broadcasts the cluster did not take (Redis error or timeout).",
+            )
+            .expect("valid metric"),
             registry,
         };
+        m.cluster_healthy.set(1);
         m.register_all();
         m.pre_register_labels();
         m
@@ -145,6 +167,9 @@ impl Metrics {
             Box::new(self.directory_errors.clone()),
             Box::new(self.directory_cache_hits.clone()),
             Box::new(self.directory_cache_misses.clone()),
+            Box::new(self.cluster_healthy.clone()),
+            Box::new(self.cluster_messages_dropped.clone()),
+            Box::new(self.cluster_publish_errors.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ];
         for collector in collectors {

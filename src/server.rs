@@ -8,18 +8,32 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use socketioxide::SocketIo;
+use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+/// The Socket.IO adapter of cluster mode.
+type ClusterAdapter<E> = CustomRedisAdapter<E, PubSubDriver>;
+
 use crate::app::{App, AppConfig};
 use crate::auth::Verifier;
+use crate::cluster::Cluster;
+use crate::cluster::driver::PubSubDriver;
+use crate::cluster::store::RedisLive;
 use crate::config::{Profile, ResolvedSettings, redact_url};
 use crate::directory::Directory;
 use crate::directory::cache::DirectoryCache;
+use crate::live::Live;
 use crate::metrics::Metrics;
 
 /// Largest Socket.IO packet a dashboard may send, in bytes.
 const MAX_SOCKET_PAYLOAD: u64 = 64 * 1024;
+
+/// Channel prefix of the Socket.IO Redis adapter.
+const ADAPTER_PREFIX: &str = "cellgate";
+
+/// How long a session or presence entry outlives its pod in Redis.
+const SESSION_TTL: Duration = Duration::from_secs(30);
 
 /// Packets queued per dashboard before it counts as too slow. A full
 /// 500-event batch is 500 `cell_executed` plus up to 500 `seat_updated`.
@@ -37,7 +51,7 @@ pub struct Running {
     metrics_server: JoinHandle<std::io::Result<()>>,
     shutdown: tokio::sync::watch::Sender<bool>,
     directory: Directory,
-    io: SocketIo,
+    cluster: Option<Cluster>,
 }
 
 /// Opens the directory, applying or checking migrations as configured.
@@ -97,31 +111,88 @@ async fn migrate_when_reachable(directory: Directory) {
 /// Builds everything and starts listening.
 pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     let s = &settings.settings;
-    if s.redis_url.is_some() {
-        bail!(
-            "CELLGATE_REDIS_URL is set, but this build has no cluster mode yet: \
-             run a single pod and unset it"
-        );
-    }
-
     let metrics = Metrics::new();
     let directory = open_directory(&settings, true).await?;
     let verifier = Verifier::new(s, &settings.key).context("unusable JWT key settings")?;
     let ttl = Duration::from_secs(s.directory_cache_ttl_secs);
     let cache = DirectoryCache::new(directory.clone(), ttl, metrics.clone());
-
-    let (layer, io) = SocketIo::builder()
-        .max_payload(MAX_SOCKET_PAYLOAD)
-        .max_buffer_size(OUTGOING_BUFFER_PACKETS)
-        .build_layer();
     let config = AppConfig {
         node_id: settings.node_id.clone(),
         max_body_bytes: s.max_body_bytes,
         allow_query_token: s.allow_query_token,
     };
-    let app = App::new(config, verifier, cache, metrics, Arc::new(io.clone()));
-    crate::realtime::register(&io, app.clone());
+    let builder = SocketIo::builder()
+        .max_payload(MAX_SOCKET_PAYLOAD)
+        .max_buffer_size(OUTGOING_BUFFER_PACKETS);
 
+    let Some(redis_url) = &s.redis_url else {
+        let (layer, io) = builder.build_layer();
+        let live = Live::local();
+        let app = App::new(
+            config,
+            verifier,
+            cache,
+            metrics,
+            Arc::new(io.clone()),
+            live,
+            None,
+        );
+        crate::realtime::register(&io, app.clone());
+        let router = crate::http::router(app.clone()).layer(layer);
+        return listen(&settings, app, router, directory, None).await;
+    };
+
+    let cluster = Cluster::connect(redis_url, &settings.node_id, &metrics).await?;
+    let adapter = RedisAdapterCtr::new_with_driver(
+        cluster.driver.clone(),
+        RedisAdapterConfig::new().with_prefix(ADAPTER_PREFIX),
+    );
+    let (layer, io) = builder
+        .with_adapter::<ClusterAdapter<_>>(adapter)
+        .build_layer();
+    let live = Live::Shared(RedisLive::new(cluster.commands.clone(), SESSION_TTL));
+    let health = Some(cluster.health.clone());
+    let app = App::new(
+        config,
+        verifier,
+        cache,
+        metrics,
+        Arc::new(io.clone()),
+        live,
+        health,
+    );
+    crate::realtime::register(&io, app.clone())
+        .await
+        .context("cannot subscribe to the cluster's channels")?;
+    tokio::spawn(keep_sessions_alive(app.clone()));
+    let router = crate::http::router(app.clone()).layer(layer);
+    listen(&settings, app, router, directory, Some(cluster)).await
+}
+
+/// Refreshes this pod's sessions and presence in Redis so that they outlive
+/// their TTL only while the pod does.
+async fn keep_sessions_alive(app: App) {
+    let mut every = tokio::time::interval(SESSION_TTL / 3);
+    loop {
+        every.tick().await;
+        if let Err(error) = app
+            .live()
+            .refresh(&app.sessions(), &app.config().node_id)
+            .await
+        {
+            tracing::warn!(%error, "cannot refresh sessions in Redis");
+        }
+    }
+}
+
+async fn listen(
+    settings: &ResolvedSettings,
+    app: App,
+    router: axum::Router,
+    directory: Directory,
+    cluster: Option<Cluster>,
+) -> anyhow::Result<Running> {
+    let s = &settings.settings;
     let listener = TcpListener::bind(s.listen_addr)
         .await
         .with_context(|| format!("cannot listen on {} (CELLGATE_LISTEN_ADDR)", s.listen_addr))?;
@@ -135,12 +206,11 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     let metrics_addr = metrics_listener.local_addr()?;
 
     let (shutdown, watch) = tokio::sync::watch::channel(false);
-    let router = crate::http::router(app.clone()).layer(layer);
     let server = tokio::spawn(serve_until(listener, router, watch.clone()));
     let metrics_router = crate::http::metrics_router(app.clone());
     let metrics_server = tokio::spawn(serve_until(metrics_listener, metrics_router, watch));
 
-    announce(&settings, addr, metrics_addr);
+    announce(settings, addr, metrics_addr);
     Ok(Running {
         app,
         addr,
@@ -149,7 +219,7 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         metrics_server,
         shutdown,
         directory,
-        io,
+        cluster,
     })
 }
 
@@ -203,11 +273,14 @@ impl Running {
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
         // Open WebSockets would hold the HTTP server open; close them first.
-        self.io.close().await;
+        self.app.close_sockets().await;
         let grace = Duration::from_secs(10);
         let _ = tokio::time::timeout(grace, self.server).await;
         let _ = tokio::time::timeout(grace, self.metrics_server).await;
         self.directory.close().await;
+        if let Some(cluster) = &self.cluster {
+            cluster.close().await;
+        }
         Ok(())
     }
 }

@@ -18,7 +18,7 @@ use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::{Value, json};
 
-use crate::app::App;
+use crate::app::{App, NotForwarded};
 use crate::auth::{Claims, Role, bearer};
 use crate::classroom::SeatChange;
 use crate::directory::NewHelpRequest;
@@ -69,6 +69,10 @@ async fn ingest(
         "the student token names no classroom".into(),
     ))?;
 
+    if !app.cluster_healthy() {
+        return Err(ApiError::NotForwarded);
+    }
+
     let body = body.map_err(|rejection| match rejection.status() {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::TooLarge(app.config().max_body_bytes),
         _ => ApiError::BadBody(rejection.body_text()),
@@ -108,6 +112,66 @@ async fn apply(
         .partition(|e| in_batch.insert(e.id.clone()));
     duplicate_ids.extend(repeats.into_iter().map(|e| e.id));
 
+    let fresh_help = store_help_requests(app, claims, classroom, &events, received).await?;
+
+    // Only the last state of each seat is sent, once per request.
+    let mut seats_changed = BTreeMap::new();
+    let mut accepted = 0usize;
+    let step = Step {
+        app,
+        claims,
+        classroom,
+        seats,
+        received,
+    };
+    for event in events {
+        let key = format!("{classroom}/{}", event.id);
+        let fresh = match event.kind {
+            EventType::HelpRequested => fresh_help.get(&event.id).copied().unwrap_or(false),
+            _ => app
+                .live()
+                .first_sighting(&key)
+                .await
+                .map_err(ApiError::shared)?,
+        };
+        if !fresh {
+            duplicate_ids.push(event.id);
+            continue;
+        }
+        match step.apply(&event).await {
+            Ok(changed) => seats_changed.extend(changed.into_iter().map(|s| (s.seat, s))),
+            Err(error) => {
+                app.live().forget_sighting(&key).await;
+                // What was applied before stays applied; a retry sees duplicates.
+                let _ = broadcast_seats(app, classroom, seats_changed).await;
+                return Err(error);
+            }
+        }
+        accepted += 1;
+        let kind = event.kind.as_str();
+        app.metrics()
+            .events_ingested
+            .with_label_values(&[kind])
+            .inc();
+    }
+    broadcast_seats(app, classroom, seats_changed).await?;
+
+    let duplicates = duplicate_ids.len();
+    app.metrics().events_duplicate.inc_by(duplicates as u64);
+    let apply_ms = started.elapsed().as_secs_f64() * 1000.0;
+    tracing::debug!(classroom, accepted, duplicates, apply_ms, "events applied");
+    Ok(json!({ "accepted": accepted, "duplicates": duplicates, "duplicate_ids": duplicate_ids }))
+}
+
+/// Stores every `help_requested` of the batch in one transaction; returns,
+/// by event id, whether it was new.
+async fn store_help_requests(
+    app: &App,
+    claims: &Claims,
+    classroom: &str,
+    events: &[Event],
+    received: chrono::DateTime<Utc>,
+) -> Result<HashMap<String, bool>, ApiError> {
     let help: Vec<_> = events
         .iter()
         .filter(|e| e.kind == EventType::HelpRequested)
@@ -120,124 +184,106 @@ async fn apply(
             created_at_ms: to_millis(received),
         })
         .collect();
-    let stored = app
-        .directory()
-        .directory()
+    let directory = app.directory().directory();
+    let stored = directory
         .insert_help_requests(&help)
         .await
         .map_err(|e| ApiError::unavailable(Arc::new(e)))?;
-    let fresh_help: HashMap<_, _> = help
-        .iter()
+    Ok(help
+        .into_iter()
         .zip(stored)
-        .map(|(h, fresh)| (h.request_id.clone(), fresh))
-        .collect();
-
-    // Only the last state of each seat is sent, once per request.
-    let mut seats_changed = BTreeMap::new();
-    let mut accepted = 0usize;
-    for event in events {
-        let key = format!("{classroom}/{}", event.id);
-        let fresh = match event.kind {
-            EventType::HelpRequested => fresh_help.get(&event.id).copied().unwrap_or(false),
-            _ => app.first_sighting(key.clone()).await,
-        };
-        if !fresh {
-            duplicate_ids.push(event.id);
-            continue;
-        }
-        match apply_one(app, claims, classroom, seats, &event, received).await {
-            Ok(changed) => seats_changed.extend(changed.into_iter().map(|s| (s.seat, s))),
-            Err(error) => {
-                app.forget_sighting(&key).await;
-                broadcast_seats(app, classroom, seats_changed).await;
-                return Err(error);
-            }
-        }
-        accepted += 1;
-        app.metrics()
-            .events_ingested
-            .with_label_values(&[event.kind.as_str()])
-            .inc();
-    }
-
-    broadcast_seats(app, classroom, seats_changed).await;
-    app.metrics()
-        .events_duplicate
-        .inc_by(duplicate_ids.len() as u64);
-    tracing::debug!(
-        classroom,
-        accepted,
-        duplicates = duplicate_ids.len(),
-        apply_ms = started.elapsed().as_secs_f64() * 1000.0,
-        "events applied"
-    );
-    Ok(
-        json!({ "accepted": accepted, "duplicates": duplicate_ids.len(), "duplicate_ids": duplicate_ids }),
-    )
+        .map(|(h, fresh)| (h.request_id, fresh))
+        .collect())
 }
 
-async fn apply_one(
-    app: &App,
-    claims: &Claims,
-    classroom: &str,
+/// What every event of one request shares.
+struct Step<'a> {
+    app: &'a App,
+    claims: &'a Claims,
+    classroom: &'a str,
     seats: u32,
-    event: &Event,
     received: chrono::DateTime<Utc>,
-) -> Result<Vec<Seat>, ApiError> {
-    let student = claims.sub.as_str();
-    let live = app.live();
-    match event.kind {
-        EventType::CellExecuted => {
-            let mut payload = event.body.clone();
-            payload.insert("received_at".into(), Value::from(timestamp(received)));
-            app.broadcast(classroom, "cell_executed", payload).await;
-            let change = SeatChange::Cell {
-                student,
-                failed: event.failed,
-            };
-            Ok(vec![live.update_seat(
-                classroom, seats, event.seat, change, received,
-            )])
-        }
-        EventType::HelpRequested => {
-            let request = HelpRequest {
-                request_id: event.id.clone(),
-                classroom: classroom.to_string(),
-                seat: event.seat,
-                student: student.to_string(),
-                message: event.message.clone(),
-                created_at: timestamp(received),
-                status: HelpStatus::Open,
-                claimed_by: None,
-            };
-            app.broadcast(classroom, "help_requested", request).await;
-            let change = SeatChange::HelpOpened { student };
-            Ok(vec![live.update_seat(
-                classroom, seats, event.seat, change, received,
-            )])
-        }
-        EventType::HelpCancelled => {
-            let cancelled = app
-                .directory()
-                .directory()
-                .cancel_help(classroom, student, event.request_id.as_deref())
-                .await
-                .map_err(|e| ApiError::unavailable(Arc::new(e)))?;
-            let mut changed = Vec::with_capacity(cancelled.len());
-            for request in cancelled {
-                let payload = json!({ "request_id": request.request_id });
-                app.broadcast(classroom, "help_cancelled", payload).await;
-                let seat = request.seat.clamp(1, seats);
-                let change = SeatChange::HelpClosed;
-                changed.push(live.update_seat(classroom, seats, seat, change, received));
+}
+
+impl Step<'_> {
+    /// Broadcasts one new event and returns the seats it changed.
+    async fn apply(&self, event: &Event) -> Result<Vec<Seat>, ApiError> {
+        let (app, classroom) = (self.app, self.classroom);
+        let student = self.claims.sub.as_str();
+        match event.kind {
+            EventType::CellExecuted => {
+                let mut payload = event.body.clone();
+                let received_at = Value::from(timestamp(self.received));
+                payload.insert("received_at".into(), received_at);
+                forwarded(app.broadcast(classroom, "cell_executed", payload).await)?;
+                let change = SeatChange::Cell {
+                    student,
+                    failed: event.failed,
+                };
+                Ok(vec![self.seat(event.seat, change).await?])
             }
-            Ok(changed)
+            EventType::HelpRequested => {
+                let request = HelpRequest {
+                    request_id: event.id.clone(),
+                    classroom: classroom.to_string(),
+                    seat: event.seat,
+                    student: student.to_string(),
+                    message: event.message.clone(),
+                    created_at: timestamp(self.received),
+                    status: HelpStatus::Open,
+                    claimed_by: None,
+                };
+                forwarded(app.broadcast(classroom, "help_requested", request).await)?;
+                Ok(vec![
+                    self.seat(event.seat, SeatChange::HelpOpened { student })
+                        .await?,
+                ])
+            }
+            EventType::HelpCancelled => {
+                let cancelled = app
+                    .directory()
+                    .directory()
+                    .cancel_help(classroom, student, event.request_id.as_deref())
+                    .await
+                    .map_err(|e| ApiError::unavailable(Arc::new(e)))?;
+                let mut changed = Vec::with_capacity(cancelled.len());
+                for request in cancelled {
+                    let payload = json!({ "request_id": request.request_id });
+                    forwarded(app.broadcast(classroom, "help_cancelled", payload).await)?;
+                    let seat = request.seat.clamp(1, self.seats);
+                    changed.push(self.seat(seat, SeatChange::HelpClosed).await?);
+                }
+                Ok(changed)
+            }
         }
+    }
+
+    async fn seat(&self, seat: u32, change: SeatChange<'_>) -> Result<Seat, ApiError> {
+        let live = self.app.live();
+        live.update_seat(self.classroom, self.seats, seat, change, self.received)
+            .await
+            .map_err(ApiError::shared)
     }
 }
 
-async fn broadcast_seats(app: &App, classroom: &str, seats: BTreeMap<u32, Seat>) {
+fn forwarded(result: Result<(), NotForwarded>) -> Result<(), ApiError> {
+    result.map_err(|NotForwarded| ApiError::NotForwarded)
+}
+
+async fn broadcast_seats(
+    app: &App,
+    classroom: &str,
+    seats: BTreeMap<u32, Seat>,
+) -> Result<(), ApiError> {
+    let mut result = Ok(());
     for seat in seats.into_values() {
-        app.broadcast(classroom, "seat_updated", seat).await;
+        if app
+            .broadcast(classroom, "seat_updated", seat)
+            .await
+            .is_err()
+        {
+            result = Err(ApiError::NotForwarded);
+        }
     }
+    result
 }

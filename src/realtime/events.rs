@@ -108,9 +108,14 @@ async fn join_classroom<A: Adapter>(
     }
 
     s.join(classroom_room(&classroom));
-    let first = app
+    let first = match app
         .live()
-        .join(&classroom, &session.instructor(), &session.sid);
+        .join(&classroom, &session.instructor(), &session.sid)
+        .await
+    {
+        Ok(first) => first,
+        Err(e) => return unavailable(e),
+    };
     {
         let mut joined = session.classrooms.lock().expect("session lock");
         if !joined.contains(&classroom) {
@@ -123,8 +128,12 @@ async fn join_classroom<A: Adapter>(
         return failure("disconnected");
     }
     if first {
-        let status = app.live().status(&session.instructor_id);
-        app.broadcast(
+        let status = app
+            .live()
+            .status(&session.instructor_id)
+            .await
+            .unwrap_or_default();
+        app.notify(
             &classroom,
             "instructor_status",
             status_payload(&session, status),
@@ -161,12 +170,18 @@ async fn leave_classroom<A: Adapter>(
 /// Drops the socket from a classroom's presence and tells the others when
 /// it was the instructor's last socket there.
 pub(super) async fn left_classroom(app: &App, session: &Session, classroom: &str) {
-    if app
+    match app
         .live()
-        .leave(classroom, &session.instructor_id, &session.sid)
+        .leave(classroom, &session.instructor(), &session.sid)
+        .await
     {
-        let payload = status_payload(session, InstructorStatus::Offline);
-        app.broadcast(classroom, "instructor_status", payload).await;
+        Ok(true) => {
+            let payload = status_payload(session, InstructorStatus::Offline);
+            app.notify(classroom, "instructor_status", payload).await;
+        }
+        Ok(false) => {}
+        // The presence entry expires on its own.
+        Err(error) => tracing::warn!(%error, classroom, "cannot record leaving a classroom"),
     }
 }
 
@@ -195,7 +210,7 @@ async fn claim_help<A: Adapter>(
                 "by": me,
                 "claimed_at": timestamp(from_millis(claimed_at_ms)),
             });
-            app.broadcast(&request.classroom, "help_claimed", payload)
+            app.notify(&request.classroom, "help_claimed", payload)
                 .await;
             json!({ "ok": true })
         }
@@ -234,19 +249,20 @@ async fn resolve_help<A: Adapter>(
                 "by": me,
                 "resolved_at": timestamp(from_millis(resolved_at_ms)),
             });
-            app.broadcast(&request.classroom, "help_resolved", payload)
+            app.notify(&request.classroom, "help_resolved", payload)
                 .await;
             if let Ok(Some(room)) = app.directory().classroom(&request.classroom).await {
+                let seat = request.seat.clamp(1, room.seats);
                 let now = chrono::Utc::now();
-                let seat = app.live().update_seat(
-                    &request.classroom,
-                    room.seats,
-                    request.seat.clamp(1, room.seats),
-                    SeatChange::HelpClosed,
-                    now,
-                );
-                app.broadcast(&request.classroom, "seat_updated", seat)
-                    .await;
+                let change = SeatChange::HelpClosed;
+                let live = app.live();
+                match live
+                    .update_seat(&request.classroom, room.seats, seat, change, now)
+                    .await
+                {
+                    Ok(seat) => app.notify(&request.classroom, "seat_updated", seat).await,
+                    Err(error) => tracing::warn!(%error, "seat not updated after a resolve"),
+                }
             }
             json!({ "ok": true })
         }
@@ -291,13 +307,17 @@ async fn set_status<A: Adapter>(
     if request.status == InstructorStatus::Offline {
         return bad_request("status must be available, helping or away".into());
     }
-    app.live()
-        .set_status(&session.instructor_id, request.status);
+    if let Err(e) = app
+        .live()
+        .set_status(&session.instructor_id, request.status)
+        .await
+    {
+        return unavailable(e);
+    }
     let classrooms = session.classrooms.lock().expect("session lock").clone();
     for classroom in classrooms {
         let payload = status_payload(&session, request.status);
-        app.broadcast(&classroom, "instructor_status", payload)
-            .await;
+        app.notify(&classroom, "instructor_status", payload).await;
     }
     json!({ "ok": true })
 }

@@ -37,7 +37,16 @@ pub(super) async fn authenticate<A: Adapter>(
                 "connection accepted"
             );
             s.extensions.insert(session.clone());
-            app.add_session(session.clone());
+            if let Err(error) = app.add_session(session.clone()).await {
+                // Other pods could not see this dashboard; refuse rather
+                // than serve it half-present.
+                tracing::warn!(sid = %s.id, %error, "session not shared; refusing");
+                metrics
+                    .auth_failures
+                    .with_label_values(&["directory_unavailable"])
+                    .inc();
+                return Err(Refusal::DirectoryUnavailable);
+            }
             Ok(())
         }
         Err((refusal, instructor_id)) => {

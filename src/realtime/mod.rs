@@ -73,7 +73,7 @@ async fn disconnected<A: Adapter>(app: App, s: SocketRef<A>, reason: DisconnectR
     for classroom in classrooms {
         events::left_classroom(&app, &session, &classroom).await;
     }
-    app.live().forget_status(&session.instructor_id);
+    app.live().close_session(&session).await;
 }
 
 /// The payload of `instructor_status`.

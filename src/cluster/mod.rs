@@ -1,0 +1,174 @@
+//! Cluster mode: several pods share rooms, broadcasts and live state
+//! through Redis (7 or later, for sharded pub/sub).
+//!
+//! - [`driver`]: the pub/sub driver under the Socket.IO Redis adapter;
+//! - [`health`]: the probe that notices a pod that no longer hears Redis;
+//! - [`store`]: seats, presence, sessions and event ids in Redis.
+
+pub mod driver;
+pub mod health;
+pub mod store;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use fred::clients::{Client, SubscriberClient};
+use fred::interfaces::ClientLike;
+use fred::types::config::{Config, ReconnectPolicy};
+use fred::types::{InfoKind, RespVersion};
+
+use crate::config::redact_url;
+use crate::metrics::Metrics;
+use driver::PubSubDriver;
+use health::ClusterHealth;
+
+/// Oldest Redis major version with sharded pub/sub.
+const MIN_REDIS_MAJOR: u32 = 7;
+
+/// How long one Redis command may take before it fails.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Why cluster mode could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    /// The URL is not a Redis URL fred understands.
+    #[error("CELLGATE_REDIS_URL {url} is not usable: {source}")]
+    BadUrl {
+        /// The redacted URL.
+        url: String,
+        /// fred's reason.
+        source: fred::error::Error,
+    },
+    /// Redis did not answer.
+    #[error("cannot reach Redis at {url}: {source}")]
+    Unreachable {
+        /// The redacted URL.
+        url: String,
+        /// fred's reason.
+        source: fred::error::Error,
+    },
+    /// Redis is too old for sharded pub/sub.
+    #[error(
+        "Redis at {url} runs {version}; cluster mode needs Redis {MIN_REDIS_MAJOR} or later \
+         (sharded pub/sub)"
+    )]
+    TooOld {
+        /// The redacted URL.
+        url: String,
+        /// The version Redis reported.
+        version: String,
+    },
+}
+
+/// The Redis connections of a pod in cluster mode.
+pub struct Cluster {
+    /// Commands for shared state.
+    pub commands: Client,
+    /// Pub/sub for the Socket.IO adapter and the probe.
+    pub driver: PubSubDriver,
+    /// The probe's verdict.
+    pub health: Arc<ClusterHealth>,
+}
+
+impl Cluster {
+    /// Connects both clients, checks the server version and starts the probe.
+    pub async fn connect(
+        url: &str,
+        node_id: &str,
+        metrics: &Metrics,
+    ) -> Result<Self, ClusterError> {
+        let shown = redact_url(url);
+        let mut config = Config::from_url(url).map_err(|source| ClusterError::BadUrl {
+            url: shown.clone(),
+            source,
+        })?;
+        // fred ignores a protocol hint in the URL; RESP3 lets one connection
+        // both subscribe and publish.
+        config.version = RespVersion::RESP3;
+
+        let builder = || {
+            let mut builder = fred::types::Builder::from_config(config.clone());
+            builder
+                .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
+                .with_connection_config(|c| c.connection_timeout = COMMAND_TIMEOUT)
+                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+            builder
+        };
+        let unreachable = |source| ClusterError::Unreachable {
+            url: shown.clone(),
+            source,
+        };
+        let commands = builder().build().map_err(unreachable)?;
+        commands.init().await.map_err(unreachable)?;
+        check_version(&commands, &shown).await?;
+
+        let subscriber: SubscriberClient =
+            builder().build_subscriber_client().map_err(unreachable)?;
+        subscriber.init().await.map_err(unreachable)?;
+        let driver = PubSubDriver::new(subscriber, metrics.clone());
+        let health = ClusterHealth::new(metrics.clone());
+        tokio::spawn(health::probe(
+            driver.clone(),
+            health.clone(),
+            node_id.to_string(),
+        ));
+
+        tracing::info!(redis = %shown, "cluster mode: connected to Redis");
+        Ok(Cluster {
+            commands,
+            driver,
+            health,
+        })
+    }
+
+    /// Whether Redis answers a command right now.
+    pub async fn ping(&self) -> bool {
+        self.commands.ping::<String>(None).await.is_ok()
+    }
+
+    /// Closes both connections.
+    pub async fn close(&self) {
+        let _ = self.driver.client().quit().await;
+        let _ = self.commands.quit().await;
+    }
+}
+
+async fn check_version(client: &Client, url: &str) -> Result<(), ClusterError> {
+    let info: String = client
+        .info(Some(InfoKind::Server))
+        .await
+        .map_err(|source| ClusterError::Unreachable {
+            url: url.to_string(),
+            source,
+        })?;
+    let version = info
+        .lines()
+        .find_map(|line| line.strip_prefix("redis_version:"))
+        .unwrap_or("unknown")
+        .trim()
+        .to_string();
+    if major(&version).is_some_and(|m| m >= MIN_REDIS_MAJOR) {
+        Ok(())
+    } else {
+        Err(ClusterError::TooOld {
+            url: url.to_string(),
+            version,
+        })
+    }
+}
+
+fn major(version: &str) -> Option<u32> {
+    version.split('.').next()?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::major;
+
+    #[test]
+    fn major_versions_are_read() {
+        assert_eq!(major("7.0.15"), Some(7));
+        assert_eq!(major("6.2.14"), Some(6));
+        assert_eq!(major("unknown"), None);
+    }
+}

@@ -1,0 +1,341 @@
+//! Live classroom state shared by every pod through Redis: seats, presence,
+//! instructor status, sessions and event ids. Each change that must be
+//! decided once is one atomic Redis operation (a Lua script or `SET NX`).
+//!
+//! Keys, all under `cellgate:`:
+//! - `seat:{classroom}`: hash, seat number to the seat's JSON state;
+//! - `presence:{classroom}`: sorted set of `{instructor id}|{sid}|{name}`
+//!   scored by expiry (ms), refreshed while the socket lives;
+//! - `session:{sid}`: the socket's session JSON, with a TTL;
+//! - `status:{instructor id}`: availability;
+//! - `event:{classroom}/{event id}`: idempotency key, 24 h.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use fred::clients::Client;
+use fred::interfaces::{KeysInterface, LuaInterface, SortedSetsInterface};
+use fred::types::{Expiration, SetOptions};
+use serde::Serialize;
+
+use crate::classroom::{SeatChange, SeatState};
+use crate::model::{HelpRequest, InstructorRef, InstructorStatus, PresentInstructor, Seat};
+
+/// How long an event id is remembered, seconds.
+const EVENT_TTL_SECS: i64 = 24 * 3600;
+/// How long an instructor's status is kept without change, seconds.
+const STATUS_TTL_SECS: i64 = 12 * 3600;
+/// Presence sets and seat maps of a classroom nobody touched for this long go.
+const ROOM_TTL_MS: i64 = 24 * 3600 * 1000;
+
+const UPDATE_SEAT: &str = r#"
+local raw = redis.call('HGET', KEYS[1], ARGV[1])
+local s = raw and cjson.decode(raw) or {}
+s.errors = s.errors or 0
+s.open_help = s.open_help or 0
+if ARGV[2] == 'cell' then
+  s.student = ARGV[3]; s.last = tonumber(ARGV[4]); s.failed = (ARGV[5] == '1')
+  if s.failed then s.errors = s.errors + 1 end
+elseif ARGV[2] == 'help_opened' then
+  s.student = ARGV[3]; s.last = tonumber(ARGV[4]); s.open_help = s.open_help + 1
+else
+  s.open_help = math.max(0, s.open_help - 1)
+end
+local out = cjson.encode(s)
+redis.call('HSET', KEYS[1], ARGV[1], out)
+redis.call('PEXPIRE', KEYS[1], ARGV[6])
+return out
+"#;
+
+// Returns 1 when no other live socket of the same instructor is present.
+const JOIN: &str = r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+local others = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.sub(m, 1, #ARGV[4]) == ARGV[4] and m ~= ARGV[1] then others = others + 1 end
+end
+redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if others == 0 then return 1 else return 0 end
+"#;
+
+// Returns 1 when the instructor has no live socket left.
+const LEAVE: &str = r#"
+local removed = redis.call('ZREM', KEYS[1], ARGV[1])
+if removed == 0 then return 0 end
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do
+  if string.sub(m, 1, #ARGV[3]) == ARGV[3] then return 0 end
+end
+return 1
+"#;
+
+/// A Redis failure while reading or changing shared state.
+pub type StoreError = fred::error::Error;
+
+/// Shared live state; cheap to clone.
+#[derive(Clone)]
+pub struct RedisLive {
+    client: Client,
+    presence_ttl: Duration,
+}
+
+/// What is stored per connected socket.
+#[derive(Debug, Serialize)]
+pub struct SharedSession<'a> {
+    /// Directory id.
+    pub instructor_id: &'a str,
+    /// E-mail.
+    pub email: &'a str,
+    /// Display name.
+    pub name: &'a str,
+    /// When the handshake was accepted.
+    pub connected_at: &'a str,
+    /// The pod holding the connection.
+    pub pod: &'a str,
+}
+
+fn now_ms() -> i64 {
+    Utc::now().timestamp_millis()
+}
+
+fn member(instructor: &InstructorRef, sid: &str) -> String {
+    format!("{}|{sid}|{}", instructor.id, instructor.name)
+}
+
+impl RedisLive {
+    /// Shared state on `client`; presence entries live `presence_ttl`
+    /// unless refreshed.
+    pub fn new(client: Client, presence_ttl: Duration) -> Self {
+        RedisLive {
+            client,
+            presence_ttl,
+        }
+    }
+
+    fn expiry_ms(&self) -> i64 {
+        now_ms() + self.presence_ttl.as_millis() as i64
+    }
+
+    /// Applies `change` to a seat atomically and returns its new view.
+    pub async fn update_seat(
+        &self,
+        classroom: &str,
+        seat: u32,
+        change: SeatChange<'_>,
+        at: DateTime<Utc>,
+    ) -> Result<Seat, StoreError> {
+        let (kind, student, failed) = match change {
+            SeatChange::Cell { student, failed } => ("cell", student, failed),
+            SeatChange::HelpOpened { student } => ("help_opened", student, false),
+            SeatChange::HelpClosed => ("help_closed", "", false),
+        };
+        let args = vec![
+            seat.to_string(),
+            kind.to_string(),
+            student.to_string(),
+            at.timestamp_millis().to_string(),
+            if failed { "1" } else { "0" }.to_string(),
+            ROOM_TTL_MS.to_string(),
+        ];
+        let key = format!("cellgate:seat:{classroom}");
+        let raw: String = self.client.eval(UPDATE_SEAT, key, args).await?;
+        Ok(SeatState::from_json(&raw).view(seat, at))
+    }
+
+    /// Every seat, with the durable help queue deciding who waits for help.
+    pub async fn seats(
+        &self,
+        classroom: &str,
+        seats: u32,
+        help_queue: &[HelpRequest],
+    ) -> Result<Vec<Seat>, StoreError> {
+        let stored: std::collections::HashMap<u32, String> =
+            fred::interfaces::HashesInterface::hgetall(
+                &self.client,
+                format!("cellgate:seat:{classroom}"),
+            )
+            .await?;
+        let states = (1..=seats)
+            .map(|n| {
+                stored
+                    .get(&n)
+                    .map(|raw| SeatState::from_json(raw))
+                    .unwrap_or_default()
+            })
+            .collect();
+        Ok(SeatState::view_all(states, help_queue, Utc::now()))
+    }
+
+    /// Records a socket watching a classroom; `true` for the instructor's
+    /// first socket there, across pods.
+    pub async fn join(
+        &self,
+        classroom: &str,
+        instructor: &InstructorRef,
+        sid: &str,
+    ) -> Result<bool, StoreError> {
+        let args = vec![
+            member(instructor, sid),
+            self.expiry_ms().to_string(),
+            now_ms().to_string(),
+            format!("{}|", instructor.id),
+            ROOM_TTL_MS.to_string(),
+        ];
+        let first: i64 = self
+            .client
+            .eval(JOIN, presence_key(classroom), args)
+            .await?;
+        Ok(first == 1)
+    }
+
+    /// Undoes [`RedisLive::join`]; `true` when the instructor has no socket
+    /// left in the classroom on any pod.
+    pub async fn leave(
+        &self,
+        classroom: &str,
+        instructor: &InstructorRef,
+        sid: &str,
+    ) -> Result<bool, StoreError> {
+        let args = vec![
+            member(instructor, sid),
+            now_ms().to_string(),
+            format!("{}|", instructor.id),
+        ];
+        let last: i64 = self
+            .client
+            .eval(LEAVE, presence_key(classroom), args)
+            .await?;
+        Ok(last == 1)
+    }
+
+    /// Keeps this pod's presence entries alive.
+    pub async fn refresh_presence(
+        &self,
+        entries: &[(String, InstructorRef, String)],
+    ) -> Result<(), StoreError> {
+        let expiry = self.expiry_ms() as f64;
+        for (classroom, instructor, sid) in entries {
+            let _: i64 = self
+                .client
+                .zadd(
+                    presence_key(classroom),
+                    None,
+                    None,
+                    false,
+                    false,
+                    (expiry, member(instructor, sid)),
+                )
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Instructors watching a classroom on any pod, with their status.
+    pub async fn present(&self, classroom: &str) -> Result<Vec<PresentInstructor>, StoreError> {
+        let members: Vec<String> = self
+            .client
+            .zrangebyscore(
+                presence_key(classroom),
+                now_ms() as f64,
+                "+inf",
+                false,
+                None,
+            )
+            .await?;
+        let mut people: Vec<(String, String)> = members
+            .iter()
+            .filter_map(|m| {
+                let (id, rest) = m.split_once('|')?;
+                let (_sid, name) = rest.split_once('|')?;
+                Some((id.to_string(), name.to_string()))
+            })
+            .collect();
+        people.sort();
+        people.dedup_by(|a, b| a.0 == b.0);
+
+        let mut out = Vec::with_capacity(people.len());
+        for (id, name) in people {
+            let status = self.status(&id).await?;
+            out.push(PresentInstructor { id, name, status });
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// Sets an instructor's availability for every pod.
+    pub async fn set_status(
+        &self,
+        instructor_id: &str,
+        status: InstructorStatus,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_string(&status).expect("status serializes");
+        let expire = Some(Expiration::EX(STATUS_TTL_SECS));
+        let _: () = self
+            .client
+            .set(status_key(instructor_id), value, expire, None, false)
+            .await?;
+        Ok(())
+    }
+
+    /// An instructor's availability.
+    pub async fn status(&self, instructor_id: &str) -> Result<InstructorStatus, StoreError> {
+        let raw: Option<String> = self.client.get(status_key(instructor_id)).await?;
+        Ok(raw
+            .and_then(|r| serde_json::from_str(&r).ok())
+            .unwrap_or_default())
+    }
+
+    /// Remembers an event id; `true` the first time across all pods.
+    pub async fn first_sighting(&self, key: &str) -> Result<bool, StoreError> {
+        let set: Option<String> = self
+            .client
+            .set(
+                format!("cellgate:event:{key}"),
+                "1",
+                Some(Expiration::EX(EVENT_TTL_SECS)),
+                Some(SetOptions::NX),
+                false,
+            )
+            .await?;
+        Ok(set.is_some())
+    }
+
+    /// Forgets an event id whose application failed.
+    pub async fn forget_sighting(&self, key: &str) -> Result<(), StoreError> {
+        let _: i64 = self.client.del(format!("cellgate:event:{key}")).await?;
+        Ok(())
+    }
+
+    /// Stores (or refreshes) a socket's session entry.
+    pub async fn put_session(
+        &self,
+        sid: &str,
+        session: &SharedSession<'_>,
+    ) -> Result<(), StoreError> {
+        let value = serde_json::to_string(session).expect("session serializes");
+        let ttl = Some(Expiration::PX(self.presence_ttl.as_millis() as i64));
+        let _: () = self
+            .client
+            .set(session_key(sid), value, ttl, None, false)
+            .await?;
+        Ok(())
+    }
+
+    /// Deletes a socket's session entry.
+    pub async fn remove_session(&self, sid: &str) -> Result<(), StoreError> {
+        let _: i64 = self.client.del(session_key(sid)).await?;
+        Ok(())
+    }
+}
+
+fn presence_key(classroom: &str) -> String {
+    format!("cellgate:presence:{classroom}")
+}
+
+fn status_key(instructor_id: &str) -> String {
+    format!("cellgate:status:{instructor_id}")
+}
+
+fn session_key(sid: &str) -> String {
+    format!("cellgate:session:{sid}")
+}
