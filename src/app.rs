@@ -13,6 +13,7 @@ use crate::auth::Verifier;
 use crate::cluster::health::ClusterHealth;
 use crate::directory::DirectoryError;
 use crate::directory::cache::DirectoryCache;
+use crate::drain::Drain;
 use crate::live::{Live, LiveError};
 use crate::metrics::Metrics;
 use crate::model::{InstructorRef, Snapshot, classroom_room};
@@ -134,6 +135,7 @@ struct Inner {
     metrics: Metrics,
     broadcaster: Arc<dyn Broadcaster>,
     cluster_health: Option<Arc<ClusterHealth>>,
+    drain: Arc<Drain>,
 }
 
 /// A snapshot could not be built.
@@ -166,6 +168,7 @@ impl App {
         broadcaster: Arc<dyn Broadcaster>,
         live: Live,
         cluster_health: Option<Arc<ClusterHealth>>,
+        drain: Arc<Drain>,
     ) -> Self {
         App {
             inner: Arc::new(Inner {
@@ -177,6 +180,7 @@ impl App {
                 metrics,
                 broadcaster,
                 cluster_health,
+                drain,
             }),
         }
     }
@@ -207,6 +211,11 @@ impl App {
             .cluster_health
             .as_ref()
             .is_none_or(|h| h.is_healthy())
+    }
+
+    /// Connection tracking for the graceful drain.
+    pub fn drain(&self) -> &Arc<Drain> {
+        &self.inner.drain
     }
 
     /// Whether this pod runs in cluster mode.

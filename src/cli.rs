@@ -36,7 +36,8 @@ Environment:
   CELLGATE_NODE_ID                this pod's name [host name]
   CELLGATE_LOG_FORMAT             auto, text or json [auto]
   CELLGATE_AUTO_MIGRATE           apply migrations at start [true in dev]
-  CELLGATE_REDIS_URL              cluster mode (not available in this build)
+  CELLGATE_REDIS_URL              redis://…: cluster mode (several pods; Redis 7 or later)
+  CELLGATE_DRAIN_SECS             on SIGTERM, close connections spread over this window [10]
   RUST_LOG                        log filter [info]";
 
 /// cellgate: lets instructors watch a live classroom.

@@ -104,6 +104,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     /// Apply pending migrations at start-up (default: on in dev, off in production).
     pub auto_migrate: Option<bool>,
+    /// On SIGTERM, connections are closed at random moments within this many seconds.
+    pub drain_secs: u64,
 }
 
 impl Default for Settings {
@@ -128,6 +130,7 @@ impl Default for Settings {
             node_id: None,
             log_format: LogFormat::Auto,
             auto_migrate: None,
+            drain_secs: 10,
         }
     }
 }

@@ -150,7 +150,36 @@ async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
+/// While draining, new Socket.IO sessions are refused with 503 so that the
+/// load balancer sends them to another pod; requests of existing sessions
+/// (with a `sid`) and the HTTP API go on.
+pub async fn refuse_while_draining(
+    State(app): State<App>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let handshake = request.uri().path().starts_with("/socket.io")
+        && !request
+            .uri()
+            .query()
+            .unwrap_or_default()
+            .split('&')
+            .any(|p| p.starts_with("sid="));
+    if handshake && app.drain().is_draining() {
+        let body = json!({ "error": "draining", "detail": "this pod is shutting down" });
+        let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+        let retry = HeaderValue::from_static("1");
+        response.headers_mut().insert(header::RETRY_AFTER, retry);
+        return response;
+    }
+    next.run(request).await
+}
+
 async fn readyz(State(app): State<App>) -> Response {
+    if app.drain().is_draining() {
+        let body = Json(json!({ "status": "draining" }));
+        return (StatusCode::SERVICE_UNAVAILABLE, body).into_response();
+    }
     let directory = app.directory().directory().ping().await;
     if let Err(error) = &directory {
         tracing::debug!(%error, "not ready: directory");

@@ -16,6 +16,7 @@ pub mod cluster;
 pub mod config;
 pub mod demo;
 pub mod directory;
+pub mod drain;
 pub mod http;
 pub mod ingest;
 pub mod live;

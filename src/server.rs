@@ -23,6 +23,7 @@ use crate::cluster::store::RedisLive;
 use crate::config::{Profile, ResolvedSettings, redact_url};
 use crate::directory::Directory;
 use crate::directory::cache::DirectoryCache;
+use crate::drain::{Drain, DrainableListener};
 use crate::live::Live;
 use crate::metrics::Metrics;
 
@@ -52,6 +53,7 @@ pub struct Running {
     shutdown: tokio::sync::watch::Sender<bool>,
     directory: Directory,
     cluster: Option<Cluster>,
+    drain_window: Duration,
 }
 
 /// Opens the directory, applying or checking migrations as configured.
@@ -121,6 +123,7 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         max_body_bytes: s.max_body_bytes,
         allow_query_token: s.allow_query_token,
     };
+    let drain = Drain::new();
     let builder = SocketIo::builder()
         .max_payload(MAX_SOCKET_PAYLOAD)
         .max_buffer_size(OUTGOING_BUFFER_PACKETS);
@@ -136,9 +139,10 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
             Arc::new(io.clone()),
             live,
             None,
+            drain,
         );
         crate::realtime::register(&io, app.clone());
-        let router = crate::http::router(app.clone()).layer(layer);
+        let router = with_socket_io(&app, layer);
         return listen(&settings, app, router, directory, None).await;
     };
 
@@ -160,13 +164,25 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         Arc::new(io.clone()),
         live,
         health,
+        drain,
     );
     crate::realtime::register(&io, app.clone())
         .await
         .context("cannot subscribe to the cluster's channels")?;
     tokio::spawn(keep_sessions_alive(app.clone()));
-    let router = crate::http::router(app.clone()).layer(layer);
+    let router = with_socket_io(&app, layer);
     listen(&settings, app, router, directory, Some(cluster)).await
+}
+
+/// The HTTP routes behind the Socket.IO layer, behind the drain guard (which
+/// must see Socket.IO handshakes, so it wraps the Socket.IO layer).
+fn with_socket_io<A: socketioxide::adapter::Adapter>(
+    app: &App,
+    layer: socketioxide::layer::SocketIoLayer<A>,
+) -> axum::Router {
+    let guard =
+        axum::middleware::from_fn_with_state(app.clone(), crate::http::refuse_while_draining);
+    crate::http::router(app.clone()).layer(layer).layer(guard)
 }
 
 /// Refreshes this pod's sessions and presence in Redis so that they outlive
@@ -206,6 +222,7 @@ async fn listen(
     let metrics_addr = metrics_listener.local_addr()?;
 
     let (shutdown, watch) = tokio::sync::watch::channel(false);
+    let listener = DrainableListener::new(listener, app.drain().clone());
     let server = tokio::spawn(serve_until(listener, router, watch.clone()));
     let metrics_router = crate::http::metrics_router(app.clone());
     let metrics_server = tokio::spawn(serve_until(metrics_listener, metrics_router, watch));
@@ -220,6 +237,7 @@ async fn listen(
         shutdown,
         directory,
         cluster,
+        drain_window: Duration::from_secs(s.drain_secs),
     })
 }
 
@@ -248,11 +266,15 @@ fn announce(settings: &ResolvedSettings, addr: SocketAddr, metrics_addr: SocketA
     );
 }
 
-async fn serve_until(
-    listener: TcpListener,
+async fn serve_until<L>(
+    listener: L,
     router: axum::Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
-) -> std::io::Result<()> {
+) -> std::io::Result<()>
+where
+    L: axum::serve::Listener,
+    L::Addr: std::fmt::Debug,
+{
     let signal = async move {
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
@@ -265,8 +287,26 @@ impl Running {
     /// Runs until `signal` completes, then stops gracefully.
     pub async fn run_until(self, signal: impl Future<Output = ()>) -> anyhow::Result<()> {
         signal.await;
-        tracing::info!("shutting down");
+        self.drain().await;
         self.stop().await
+    }
+
+    /// Turns not ready, refuses new dashboards and closes the open
+    /// connections at random moments over the drain window, so that
+    /// dashboards reconnect to other pods a few at a time.
+    pub async fn drain(&self) {
+        let window = self.drain_window;
+        let scheduled = self.app.drain().start(window);
+        tracing::info!(
+            connections = scheduled,
+            window_secs = window.as_secs_f64(),
+            "draining"
+        );
+        tokio::time::sleep(window).await;
+        tracing::info!(
+            left = self.app.drain().open_connections(),
+            "drain window over; shutting down"
+        );
     }
 
     /// Stops listening, lets in-flight requests finish, closes the directory.
@@ -274,7 +314,7 @@ impl Running {
         let _ = self.shutdown.send(true);
         // Open WebSockets would hold the HTTP server open; close them first.
         self.app.close_sockets().await;
-        let grace = Duration::from_secs(10);
+        let grace = Duration::from_secs(5);
         let _ = tokio::time::timeout(grace, self.server).await;
         let _ = tokio::time::timeout(grace, self.metrics_server).await;
         self.directory.close().await;
