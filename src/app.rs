@@ -120,6 +120,26 @@ pub struct AppConfig {
     pub allow_query_token: bool,
 }
 
+/// What an [`App`] is made of.
+pub struct AppParts {
+    /// Static settings.
+    pub config: AppConfig,
+    /// Token verification.
+    pub verifier: Verifier,
+    /// Cached directory lookups.
+    pub directory: DirectoryCache,
+    /// Metric handles.
+    pub metrics: Metrics,
+    /// Where broadcasts go (the Socket.IO server).
+    pub broadcaster: Arc<dyn Broadcaster>,
+    /// Live state, local or shared.
+    pub live: Live,
+    /// The cluster probe's verdict, in cluster mode.
+    pub cluster_health: Option<Arc<ClusterHealth>>,
+    /// Connection tracking for the drain.
+    pub drain: Arc<Drain>,
+}
+
 /// Shared state; cheap to clone.
 #[derive(Clone)]
 pub struct App {
@@ -160,27 +180,18 @@ impl From<DirectoryError> for SnapshotError {
 
 impl App {
     /// Assembles the state.
-    pub fn new(
-        config: AppConfig,
-        verifier: Verifier,
-        directory: DirectoryCache,
-        metrics: Metrics,
-        broadcaster: Arc<dyn Broadcaster>,
-        live: Live,
-        cluster_health: Option<Arc<ClusterHealth>>,
-        drain: Arc<Drain>,
-    ) -> Self {
+    pub fn new(parts: AppParts) -> Self {
         App {
             inner: Arc::new(Inner {
-                config,
-                verifier,
-                directory,
-                live,
+                config: parts.config,
+                verifier: parts.verifier,
+                directory: parts.directory,
+                live: parts.live,
                 sessions: Mutex::new(HashMap::new()),
-                metrics,
-                broadcaster,
-                cluster_health,
-                drain,
+                metrics: parts.metrics,
+                broadcaster: parts.broadcaster,
+                cluster_health: parts.cluster_health,
+                drain: parts.drain,
             }),
         }
     }

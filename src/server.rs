@@ -15,7 +15,7 @@ use tokio::task::JoinHandle;
 /// The Socket.IO adapter of cluster mode.
 type ClusterAdapter<E> = CustomRedisAdapter<E, PubSubDriver>;
 
-use crate::app::{App, AppConfig};
+use crate::app::{App, AppConfig, AppParts};
 use crate::auth::Verifier;
 use crate::cluster::Cluster;
 use crate::cluster::driver::PubSubDriver;
@@ -131,16 +131,18 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     let Some(redis_url) = &s.redis_url else {
         let (layer, io) = builder.build_layer();
         let live = Live::local();
-        let app = App::new(
+        let broadcaster = Arc::new(io.clone());
+        let parts = AppParts {
             config,
             verifier,
-            cache,
+            directory: cache,
             metrics,
-            Arc::new(io.clone()),
+            broadcaster,
             live,
-            None,
+            cluster_health: None,
             drain,
-        );
+        };
+        let app = App::new(parts);
         crate::realtime::register(&io, app.clone());
         let router = with_socket_io(&app, layer);
         return listen(&settings, app, router, directory, None).await;
@@ -155,17 +157,19 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         .with_adapter::<ClusterAdapter<_>>(adapter)
         .build_layer();
     let live = Live::Shared(RedisLive::new(cluster.commands.clone(), SESSION_TTL));
-    let health = Some(cluster.health.clone());
-    let app = App::new(
+    let broadcaster = Arc::new(io.clone());
+    let cluster_health = Some(cluster.health.clone());
+    let parts = AppParts {
         config,
         verifier,
-        cache,
+        directory: cache,
         metrics,
-        Arc::new(io.clone()),
+        broadcaster,
         live,
-        health,
+        cluster_health,
         drain,
-    );
+    };
+    let app = App::new(parts);
     crate::realtime::register(&io, app.clone())
         .await
         .context("cannot subscribe to the cluster's channels")?;
