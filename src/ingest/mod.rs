@@ -126,19 +126,28 @@ async fn apply(
     };
     for event in events {
         let key = format!("{classroom}/{}", event.id);
-        let fresh = match event.kind {
-            EventType::HelpRequested => fresh_help.get(&event.id).copied().unwrap_or(false),
-            _ => app
-                .live()
-                .first_sighting(&key)
-                .await
-                .map_err(ApiError::shared)?,
-        };
+        let mut fresh = app
+            .live()
+            .first_sighting(&key)
+            .await
+            .map_err(ApiError::shared)?;
+        let mut stored = None;
+        if fresh
+            && event.kind == EventType::HelpRequested
+            && !fresh_help.get(&event.id).copied().unwrap_or(true)
+        {
+            // Stored by an earlier attempt whose broadcast failed (it
+            // answered 503): send it now if it is still open, as stored.
+            stored = still_open(app, claims, classroom, &event.id).await?;
+            if stored.is_none() {
+                fresh = false;
+            }
+        }
         if !fresh {
             duplicate_ids.push(event.id);
             continue;
         }
-        match step.apply(&event).await {
+        match step.apply(&event, stored).await {
             Ok(changed) => seats_changed.extend(changed.into_iter().map(|s| (s.seat, s))),
             Err(error) => {
                 app.live().forget_sighting(&key).await;
@@ -206,8 +215,13 @@ struct Step<'a> {
 }
 
 impl Step<'_> {
-    /// Broadcasts one new event and returns the seats it changed.
-    async fn apply(&self, event: &Event) -> Result<Vec<Seat>, ApiError> {
+    /// Broadcasts one new event and returns the seats it changed. `stored`
+    /// is a help request an earlier attempt stored, to be sent as it is.
+    async fn apply(
+        &self,
+        event: &Event,
+        stored: Option<HelpRequest>,
+    ) -> Result<Vec<Seat>, ApiError> {
         let (app, classroom) = (self.app, self.classroom);
         let student = self.claims.sub.as_str();
         match event.kind {
@@ -223,7 +237,7 @@ impl Step<'_> {
                 Ok(vec![self.seat(event.seat, change).await?])
             }
             EventType::HelpRequested => {
-                let request = HelpRequest {
+                let request = stored.unwrap_or_else(|| HelpRequest {
                     request_id: event.id.clone(),
                     classroom: classroom.to_string(),
                     seat: event.seat,
@@ -232,7 +246,7 @@ impl Step<'_> {
                     created_at: timestamp(self.received),
                     status: HelpStatus::Open,
                     claimed_by: None,
-                };
+                });
                 forwarded(app.broadcast(classroom, "help_requested", request).await)?;
                 Ok(vec![
                     self.seat(event.seat, SeatChange::HelpOpened { student })
@@ -264,6 +278,25 @@ impl Step<'_> {
             .await
             .map_err(ApiError::shared)
     }
+}
+
+/// The stored help request `request_id` when it belongs to this student and
+/// classroom and nobody has taken it up yet.
+async fn still_open(
+    app: &App,
+    claims: &Claims,
+    classroom: &str,
+    request_id: &str,
+) -> Result<Option<HelpRequest>, ApiError> {
+    let request = app
+        .directory()
+        .directory()
+        .help_request(request_id)
+        .await
+        .map_err(|e| ApiError::unavailable(Arc::new(e)))?;
+    Ok(request.filter(|r| {
+        r.status == HelpStatus::Open && r.classroom == classroom && r.student == claims.sub
+    }))
 }
 
 fn forwarded(result: Result<(), NotForwarded>) -> Result<(), ApiError> {
