@@ -8,6 +8,8 @@ use std::sync::{Arc, Mutex};
 use serde::Serialize;
 use socketioxide::SocketIo;
 use socketioxide::adapter::Adapter;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::auth::Verifier;
 use crate::cluster::health::ClusterHealth;
@@ -40,6 +42,9 @@ pub trait Broadcaster: Send + Sync + 'static {
 
     /// Disconnects every dashboard of this node.
     fn close(&self) -> BoxFuture<'_, ()>;
+
+    /// How many of this node's dashboards are in `room`.
+    fn local_audience(&self, room: &str) -> usize;
 }
 
 impl<A: Adapter> Broadcaster for SocketIo<A> {
@@ -74,6 +79,10 @@ impl<A: Adapter> Broadcaster for SocketIo<A> {
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(SocketIo::close(self))
+    }
+
+    fn local_audience(&self, room: &str) -> usize {
+        self.local().to(room.to_string()).sockets().len()
     }
 }
 
@@ -246,7 +255,7 @@ impl App {
 
     /// Emits `event` to every dashboard in `classroom`. When the cluster does
     /// not take it, this node's dashboards still get it, and the caller
-    /// learns it was [`NotForwarded`].
+    /// learns it was [`NotForwarded`]. One `broadcast` span each.
     pub async fn broadcast(
         &self,
         classroom: &str,
@@ -254,9 +263,33 @@ impl App {
         payload: impl Serialize,
     ) -> Result<(), NotForwarded> {
         let payload = serde_json::to_value(payload).expect("wire types serialize");
+        let span = tracing::info_span!(
+            "broadcast",
+            event,
+            classroom,
+            fanout_sockets = Empty,
+            forwarded = Empty,
+        );
+        let sent = self
+            .send(classroom, event, &payload)
+            .instrument(span.clone());
+        let result = sent.await;
+        span.record("forwarded", result.is_ok());
+        result
+    }
+
+    async fn send(
+        &self,
+        classroom: &str,
+        event: &'static str,
+        payload: &serde_json::Value,
+    ) -> Result<(), NotForwarded> {
         let room = classroom_room(classroom);
         let broadcaster = &self.inner.broadcaster;
-        let Err(error) = broadcaster.emit(room.clone(), event, &payload).await else {
+        let fanout = broadcaster.local_audience(&room);
+        self.inner.metrics.broadcast_fanout.observe(fanout as f64);
+        tracing::Span::current().record("fanout_sockets", fanout as u64);
+        let Err(error) = broadcaster.emit(room.clone(), event, payload).await else {
             return Ok(());
         };
         if !self.clustered() {
@@ -266,7 +299,7 @@ impl App {
             return Ok(());
         }
         tracing::warn!(classroom, event, %error, "broadcast not forwarded to the cluster; local only");
-        if let Err(error) = broadcaster.emit_local(room, event, &payload).await {
+        if let Err(error) = broadcaster.emit_local(room, event, payload).await {
             tracing::debug!(classroom, event, %error, "a local dashboard missed a broadcast");
         }
         Err(NotForwarded)

@@ -11,6 +11,7 @@ use clap::{Parser, Subcommand};
 use crate::auth::Minter;
 use crate::config::{ConfigError, Overrides, Profile, ResolvedSettings, Settings};
 use crate::directory::Directory;
+use crate::telemetry::Telemetry;
 
 const ENVIRONMENT_HELP: &str = "\
 Settings come from, lowest priority first: built-in defaults, the TOML file
@@ -192,13 +193,16 @@ pub fn run(cli: Cli) -> ExitCode {
     }
 }
 
+/// Loads the settings and installs logging (and, for the commands that run
+/// the gateway, trace export when `OTEL_*` asks for it).
 fn resolve(
     cli_config: Option<&PathBuf>,
     overrides: &Overrides,
-) -> anyhow::Result<ResolvedSettings> {
+    traces: bool,
+) -> anyhow::Result<(ResolvedSettings, Telemetry)> {
     let settings = Settings::load(cli_config.map(PathBuf::as_path), overrides)?;
-    crate::telemetry::init(settings.log_format, settings.profile);
-    Ok(settings.resolve()?)
+    let telemetry = crate::telemetry::init(settings.log_format, settings.profile, traces);
+    Ok((settings.resolve()?, telemetry))
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {
@@ -208,9 +212,15 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
         _ => Overrides::default(),
     };
     overrides.profile = cli.profile.or(overrides.profile);
-    let settings = resolve(cli.config.as_ref(), &overrides)?;
+    let traces = matches!(cli.command, Command::Serve(_) | Command::Demo(_));
+    let (settings, telemetry) = resolve(cli.config.as_ref(), &overrides, traces)?;
+    let result = execute(cli.command, settings).await;
+    telemetry.shutdown().await;
+    result
+}
 
-    match cli.command {
+async fn execute(command: Command, settings: ResolvedSettings) -> anyhow::Result<()> {
+    match command {
         Command::Serve(_) => {
             let running = crate::server::start(settings).await?;
             running.run_until(crate::server::shutdown_signal()).await

@@ -171,7 +171,7 @@ async fn summary(running: &Running, directory: &Directory, counters: &Counters) 
         let accepted = counters.accepted.load(Ordering::Relaxed);
         let rate = (accepted - last) as f64 / 2.0;
         last = accepted;
-        let dashboards = running.app.metrics().connected_sockets.get();
+        let dashboards = running.app.metrics().dashboards();
         let open_help = directory
             .help_queue(CLASSROOM)
             .await

@@ -205,6 +205,22 @@ async fn keep_sessions_alive(app: App) {
     }
 }
 
+/// How often `cellgate_open_help_requests` is read from the directory.
+const HELP_GAUGE_EVERY: Duration = Duration::from_secs(10);
+
+/// Keeps `cellgate_open_help_requests` current. The directory is the truth
+/// (shared by every pod), so the gauge is read from it, not counted here.
+async fn count_open_help_requests(app: App) {
+    let mut every = tokio::time::interval(HELP_GAUGE_EVERY);
+    loop {
+        every.tick().await;
+        match app.directory().directory().open_help_count().await {
+            Ok(open) => app.metrics().help_requests_open.set(open),
+            Err(error) => tracing::debug!(%error, "cannot count open help requests"),
+        }
+    }
+}
+
 async fn listen(
     settings: &ResolvedSettings,
     app: App,
@@ -228,6 +244,7 @@ async fn listen(
     let (shutdown, watch) = tokio::sync::watch::channel(false);
     let listener = DrainableListener::new(listener, app.drain().clone());
     let server = tokio::spawn(serve_until(listener, router, watch.clone()));
+    tokio::spawn(count_open_help_requests(app.clone()));
     let metrics_router = crate::http::metrics_router(app.clone());
     let metrics_server = tokio::spawn(serve_until(metrics_listener, metrics_router, watch));
 

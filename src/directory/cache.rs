@@ -10,6 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use moka::future::Cache;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use super::{Classroom, Directory, DirectoryError, Instructor, normalize_email};
 use crate::metrics::Metrics;
@@ -57,7 +59,10 @@ impl DirectoryCache {
         let key = email.clone();
         let query =
             async move { with_retries(&metrics, || directory.instructor_by_email(&email)).await };
-        self.lookup(&self.instructors, key, query).await
+        let span = lookup_span("instructor");
+        self.lookup(&self.instructors, key, query)
+            .instrument(span)
+            .await
     }
 
     /// The classroom `id`, or `None` when there is none.
@@ -66,7 +71,10 @@ impl DirectoryCache {
         let id = id.to_string();
         let key = id.clone();
         let query = async move { with_retries(&metrics, || directory.classroom(&id)).await };
-        self.lookup(&self.classrooms, key, query).await
+        let span = lookup_span("classroom");
+        self.lookup(&self.classrooms, key, query)
+            .instrument(span)
+            .await
     }
 
     /// Forgets everything (after a write through the CLI in the same process).
@@ -85,13 +93,21 @@ impl DirectoryCache {
         V: Clone + Send + Sync + 'static,
         F: Future<Output = Result<V, DirectoryError>>,
     {
+        let span = tracing::Span::current();
         if let Some(hit) = cache.get(&key).await {
             self.metrics.directory_cache_hits.inc();
+            span.record("cache", "hit");
             return Ok(hit);
         }
         self.metrics.directory_cache_misses.inc();
+        span.record("cache", "miss");
         cache.try_get_with(key, query).await
     }
+}
+
+/// One span per lookup; the key (an e-mail, a classroom id) is not recorded.
+fn lookup_span(kind: &'static str) -> tracing::Span {
+    tracing::info_span!("directory.lookup", kind, cache = Empty)
 }
 
 fn new_cache<V: Clone + Send + Sync + 'static>(ttl: Duration) -> Cache<String, V> {
@@ -109,9 +125,12 @@ where
     Fut: Future<Output = Result<V, DirectoryError>>,
 {
     let mut delays = RETRY_DELAYS.iter();
+    let mut try_number = 0u32;
     loop {
+        try_number += 1;
         let timer = metrics.directory_query_duration.start_timer();
-        let result = attempt().await;
+        let span = tracing::info_span!("directory.query", attempt = try_number);
+        let result = attempt().instrument(span).await;
         timer.observe_duration();
         match result {
             Ok(v) => return Ok(v),

@@ -183,6 +183,15 @@ impl Directory {
         }
     }
 
+    /// How many requests wait for an instructor (open, not yet claimed), in
+    /// every classroom.
+    pub async fn open_help_count(&self) -> Result<i64, DirectoryError> {
+        let row = sqlx::query("SELECT COUNT(*) AS n FROM help_requests WHERE status = 'open'")
+            .fetch_one(&self.pool)
+            .await?;
+        Ok(row.try_get("n")?)
+    }
+
     /// Cancels a student's open or claimed requests (only `request_id` when
     /// given) and returns those it cancelled.
     pub async fn cancel_help(

@@ -17,6 +17,8 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use chrono::Utc;
 use serde_json::{Value, json};
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::app::{App, NotForwarded};
 use crate::auth::{Claims, Role, bearer};
@@ -26,24 +28,40 @@ use crate::http::ApiError;
 use crate::model::{HelpRequest, HelpStatus, Seat, timestamp, to_millis};
 use validate::{Event, EventType, Invalid, validate};
 
-/// The handler of `POST /api/v1/events`.
+/// The handler of `POST /api/v1/events`: one `ingest` span per request,
+/// the root of its trace.
 pub async fn post_events(
     State(app): State<App>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let span = tracing::info_span!(
+        "ingest",
+        otel.kind = "server",
+        http.request.method = "POST",
+        http.route = "/api/v1/events",
+        http.response.status_code = Empty,
+        reason = Empty,
+        classroom = Empty,
+        events = Empty,
+        accepted = Empty,
+        duplicates = Empty,
+    );
     let timer = app.metrics().ingest_duration.start_timer();
-    let response = match ingest(&app, &headers, body).await {
+    let response = match ingest(&app, &headers, body).instrument(span.clone()).await {
         Ok(accepted) => (StatusCode::ACCEPTED, axum::Json(accepted)).into_response(),
         Err(error) => {
+            let reason = error.reason();
             app.metrics()
                 .events_rejected
-                .with_label_values(&[error.reason()])
+                .with_label_values(&[reason])
                 .inc();
-            error.into_response()
+            span.record("reason", reason);
+            span.in_scope(|| error.into_response())
         }
     };
     timer.observe_duration();
+    span.record("http.response.status_code", response.status().as_u16());
     response
 }
 
@@ -56,9 +74,8 @@ async fn ingest(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let token = bearer(header).ok_or(ApiError::Unauthorized("no bearer token"))?;
-    let claims = app
-        .verifier()
-        .verify_any_role(token)
+    let claims = tracing::info_span!("auth.verify_token", role = "student")
+        .in_scope(|| app.verifier().verify_any_role(token))
         .map_err(ApiError::from_refusal)?;
     if claims.role != Role::Student {
         return Err(ApiError::Forbidden(
@@ -69,6 +86,8 @@ async fn ingest(
         "the student token names no classroom".into(),
     ))?;
 
+    let span = tracing::Span::current();
+    span.record("classroom", classroom_id.as_str());
     if !app.cluster_healthy() {
         return Err(ApiError::NotForwarded);
     }
@@ -89,6 +108,7 @@ async fn ingest(
         Invalid::Fields(errors) => ApiError::Invalid(errors),
         Invalid::Forbidden(detail) => ApiError::Forbidden(detail),
     })?;
+    span.record("events", events.len() as u64);
 
     apply(app, &claims, &classroom_id, classroom.seats, events).await
 }
@@ -112,7 +132,10 @@ async fn apply(
         .partition(|e| in_batch.insert(e.id.clone()));
     duplicate_ids.extend(repeats.into_iter().map(|e| e.id));
 
-    let fresh_help = store_help_requests(app, claims, classroom, &events, received).await?;
+    let store = tracing::info_span!("help.store");
+    let fresh_help = store_help_requests(app, claims, classroom, &events, received)
+        .instrument(store)
+        .await?;
 
     // Only the last state of each seat is sent, once per request.
     let mut seats_changed = BTreeMap::new();
@@ -123,6 +146,7 @@ async fn apply(
         classroom,
         seats,
         received,
+        accepted_at: started,
     };
     for event in events {
         let key = format!("{classroom}/{}", event.id);
@@ -167,6 +191,9 @@ async fn apply(
 
     let duplicates = duplicate_ids.len();
     app.metrics().events_duplicate.inc_by(duplicates as u64);
+    let span = tracing::Span::current();
+    span.record("accepted", accepted as u64);
+    span.record("duplicates", duplicates as u64);
     let apply_ms = started.elapsed().as_secs_f64() * 1000.0;
     tracing::debug!(classroom, accepted, duplicates, apply_ms, "events applied");
     Ok(json!({ "accepted": accepted, "duplicates": duplicates, "duplicate_ids": duplicate_ids }))
@@ -212,6 +239,8 @@ struct Step<'a> {
     classroom: &'a str,
     seats: u32,
     received: chrono::DateTime<Utc>,
+    /// When the request's events were accepted (valid, about to apply).
+    accepted_at: Instant,
 }
 
 impl Step<'_> {
@@ -230,6 +259,7 @@ impl Step<'_> {
                 let received_at = Value::from(timestamp(self.received));
                 payload.insert("received_at".into(), received_at);
                 forwarded(app.broadcast(classroom, "cell_executed", payload).await)?;
+                self.delivered();
                 let change = SeatChange::Cell {
                     student,
                     failed: event.failed,
@@ -248,6 +278,7 @@ impl Step<'_> {
                     claimed_by: None,
                 });
                 forwarded(app.broadcast(classroom, "help_requested", request).await)?;
+                self.delivered();
                 Ok(vec![
                     self.seat(event.seat, SeatChange::HelpOpened { student })
                         .await?,
@@ -264,12 +295,20 @@ impl Step<'_> {
                 for request in cancelled {
                     let payload = json!({ "request_id": request.request_id });
                     forwarded(app.broadcast(classroom, "help_cancelled", payload).await)?;
+                    self.delivered();
                     let seat = request.seat.clamp(1, self.seats);
                     changed.push(self.seat(seat, SeatChange::HelpClosed).await?);
                 }
                 Ok(changed)
             }
         }
+    }
+
+    /// The event's broadcast has left this pod.
+    fn delivered(&self) {
+        let metrics = self.app.metrics();
+        let elapsed = self.accepted_at.elapsed().as_secs_f64();
+        metrics.delivery_duration.observe(elapsed);
     }
 
     async fn seat(&self, seat: u32, change: SeatChange<'_>) -> Result<Seat, ApiError> {

@@ -5,6 +5,8 @@ use std::time::Instant;
 
 use socketioxide::adapter::Adapter;
 use socketioxide::extract::SocketRef;
+use tracing::Instrument;
+use tracing::field::Empty;
 
 use crate::app::{App, Session};
 use crate::auth::{Refusal, Role, bearer};
@@ -13,19 +15,41 @@ use crate::model::timestamp;
 /// Accepts or refuses a handshake. On success the socket carries its
 /// [`Session`]; on refusal the returned code is what the client reads as
 /// `err.message`. One log line either way, never with the token.
+///
+/// Everything runs in one `handshake` span (the root of the connection's
+/// trace) with the token check and the directory lookup as children.
 pub(super) async fn authenticate<A: Adapter>(
     app: &App,
     s: &SocketRef<A>,
     auth: Option<serde_json::Value>,
 ) -> Result<(), Refusal> {
+    let span = tracing::info_span!(
+        "handshake",
+        otel.kind = "server",
+        sid = %s.id,
+        outcome = Empty,
+        reason = Empty,
+        instructor_id = Empty,
+    );
+    decide(app, s, auth).instrument(span).await
+}
+
+async fn decide<A: Adapter>(
+    app: &App,
+    s: &SocketRef<A>,
+    auth: Option<serde_json::Value>,
+) -> Result<(), Refusal> {
     let started = Instant::now();
+    let metrics = app.metrics();
+    metrics.auth_attempts.inc();
     let outcome = check(app, s, auth).await;
     let elapsed = started.elapsed();
     let auth_duration_ms = elapsed.as_secs_f64() * 1000.0;
-    let metrics = app.metrics();
+    let span = tracing::Span::current();
 
     match &outcome {
         Ok(session) => {
+            span.record("instructor_id", session.instructor_id.as_str());
             metrics
                 .auth_duration
                 .with_label_values(&["accepted"])
@@ -37,7 +61,8 @@ pub(super) async fn authenticate<A: Adapter>(
                 "connection accepted"
             );
             s.extensions.insert(session.clone());
-            if let Err(error) = app.add_session(session.clone()).await {
+            let register = tracing::info_span!("session.register");
+            if let Err(error) = app.add_session(session.clone()).instrument(register).await {
                 // Other pods could not see this dashboard; refuse rather
                 // than serve it half-present.
                 tracing::warn!(sid = %s.id, %error, "session not shared; refusing");
@@ -45,8 +70,10 @@ pub(super) async fn authenticate<A: Adapter>(
                     .auth_failures
                     .with_label_values(&["directory_unavailable"])
                     .inc();
+                record_outcome(&span, Some(Refusal::DirectoryUnavailable.code()));
                 return Err(Refusal::DirectoryUnavailable);
             }
+            record_outcome(&span, None);
             Ok(())
         }
         Err((refusal, instructor_id)) => {
@@ -58,6 +85,7 @@ pub(super) async fn authenticate<A: Adapter>(
                 .auth_failures
                 .with_label_values(&[refusal.code()])
                 .inc();
+            record_outcome(&span, Some(refusal.code()));
             let (sid, reason, detail) = (s.id.to_string(), refusal.code(), refusal.detail());
             let instructor_id = instructor_id.as_deref().unwrap_or("");
             if *refusal == Refusal::DirectoryUnavailable {
@@ -84,6 +112,13 @@ pub(super) async fn authenticate<A: Adapter>(
     }
 }
 
+fn record_outcome(span: &tracing::Span, refused: Option<&'static str>) {
+    match refused {
+        None => span.record("outcome", "accepted"),
+        Some(reason) => span.record("outcome", "refused").record("reason", reason),
+    };
+}
+
 type Refused = (Refusal, Option<String>);
 
 async fn check<A: Adapter>(
@@ -92,9 +127,8 @@ async fn check<A: Adapter>(
     auth: Option<serde_json::Value>,
 ) -> Result<Arc<Session>, Refused> {
     let token = token_of(app, s, auth.as_ref()).ok_or((Refusal::invalid("no token"), None))?;
-    let claims = app
-        .verifier()
-        .verify(&token, Role::Instructor)
+    let claims = tracing::info_span!("auth.verify_token", role = "instructor")
+        .in_scope(|| app.verifier().verify(&token, Role::Instructor))
         .map_err(|r| (r, None))?;
 
     let instructor = match app.directory().instructor(&claims.sub).await {

@@ -21,6 +21,9 @@ use socketioxide_core::adapter::DefinedAdapter;
 use crate::app::{App, Session};
 use crate::model::{InstructorStatus, timestamp};
 
+/// The only namespace dashboards use.
+const NAMESPACE: &str = "/";
+
 /// Registers the `/` namespace on `io`.
 pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, app: App) -> A::InitRes {
     let auth_app = app.clone();
@@ -32,7 +35,7 @@ pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, app: App) -> A::I
         let app = app.clone();
         async move { connected(app, s) }
     };
-    io.ns("/", on_connect.with(middleware))
+    io.ns(NAMESPACE, on_connect.with(middleware))
 }
 
 fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
@@ -43,7 +46,15 @@ fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
         return;
     };
 
-    app.metrics().connected_sockets.inc();
+    let metrics = app.metrics();
+    metrics
+        .connected_sockets
+        .with_label_values(&[NAMESPACE])
+        .inc();
+    metrics
+        .connections_opened
+        .with_label_values(&[NAMESPACE])
+        .inc();
     let accepted = json!({
         "sid": s.id.to_string(),
         "instructor": { "id": session.instructor_id, "email": session.email, "name": session.name },
@@ -63,7 +74,13 @@ fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
 }
 
 async fn disconnected<A: Adapter>(app: App, s: SocketRef<A>, reason: DisconnectReason) {
-    app.metrics().connected_sockets.dec();
+    let metrics = app.metrics();
+    metrics
+        .connected_sockets
+        .with_label_values(&[NAMESPACE])
+        .dec();
+    let closed = [NAMESPACE, crate::metrics::close_reason(reason)];
+    metrics.connections_closed.with_label_values(&closed).inc();
     let Some(session) = app.remove_session(&s.id.to_string()) else {
         return;
     };

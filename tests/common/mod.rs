@@ -4,6 +4,9 @@
 
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
+pub mod gateway;
+pub mod otlp;
+
 use cellgate::directory::Directory;
 
 /// The server the tests use; `CELLGATE_TEST_POSTGRES` overrides it.
