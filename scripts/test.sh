@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, Rust unit and integration tests
-# (real PostgreSQL and SQLite), then the end-to-end suite with the real
-# socket.io-client against the built gateway.
+# (real PostgreSQL and SQLite, a real OTLP receiver), the end-to-end suite
+# with the real socket.io-client against the built gateway, the
+# observability suite (promtool, a real Prometheus) and the Helm chart suite
+# (the real Helm engine, Kubernetes schemas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,3 +20,9 @@ cargo nextest run --locked --no-fail-fast
 
 echo "== end-to-end tests (socket.io-client)"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error && node --test)
+
+echo "== observability (promtool, real Prometheus)"
+tests/observability/run.sh
+
+echo "== Helm chart and Dockerfile"
+tests/helm/run.sh
