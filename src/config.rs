@@ -25,6 +25,10 @@ const DEV_SECRET_FILE: &str = "dev-jwt-secret";
 /// File name of the development SQLite directory inside the data directory.
 const DEV_DATABASE_FILE: &str = "cellgate.db";
 
+/// Shortest session TTL: entries are refreshed every third of it, and a
+/// refresh needs a moment of its own.
+const MIN_SESSION_TTL_SECS: u64 = 3;
+
 /// Which safety rules apply at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -106,6 +110,9 @@ pub struct Settings {
     pub auto_migrate: Option<bool>,
     /// On SIGTERM, connections are closed at random moments within this many seconds.
     pub drain_secs: u64,
+    /// Cluster mode: how long a dashboard's session and presence entries
+    /// outlive their pod in Redis, in seconds (refreshed every third of it).
+    pub session_ttl_secs: u64,
 }
 
 impl Default for Settings {
@@ -131,6 +138,7 @@ impl Default for Settings {
             log_format: LogFormat::Auto,
             auto_migrate: None,
             drain_secs: 10,
+            session_ttl_secs: 30,
         }
     }
 }
@@ -282,6 +290,12 @@ impl Settings {
         }
         if self.default_seats == 0 {
             problems.push("CELLGATE_DEFAULT_SEATS must be at least 1".to_string());
+        }
+        if self.session_ttl_secs < MIN_SESSION_TTL_SECS {
+            problems.push(format!(
+                "CELLGATE_SESSION_TTL_SECS must be at least {MIN_SESSION_TTL_SECS} \
+                 (entries are refreshed every third of it)"
+            ));
         }
 
         let database_url = match (&self.database_url, production) {
@@ -542,6 +556,29 @@ mod tests {
             .permissions();
         assert_eq!(mode.mode() & 0o777, 0o600);
         assert!(first.database_url.starts_with("sqlite://"));
+    }
+
+    #[test]
+    fn a_session_ttl_too_short_to_refresh_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        let short = [
+            ("CELLGATE_DATA_DIR", data_dir),
+            ("CELLGATE_SESSION_TTL_SECS", "2"),
+        ];
+        let err = load(&short).unwrap().resolve().unwrap_err();
+        assert!(
+            err.to_string().contains("CELLGATE_SESSION_TTL_SECS"),
+            "{err}"
+        );
+
+        let fine = [
+            ("CELLGATE_DATA_DIR", data_dir),
+            ("CELLGATE_SESSION_TTL_SECS", "6"),
+        ];
+        let resolved = load(&fine).unwrap().resolve().unwrap();
+        assert_eq!(resolved.settings.session_ttl_secs, 6);
+        assert_eq!(load(&[]).unwrap().session_ttl_secs, 30);
     }
 
     #[test]

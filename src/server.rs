@@ -33,9 +33,6 @@ const MAX_SOCKET_PAYLOAD: u64 = 64 * 1024;
 /// Channel prefix of the Socket.IO Redis adapter.
 const ADAPTER_PREFIX: &str = "cellgate";
 
-/// How long a session or presence entry outlives its pod in Redis.
-const SESSION_TTL: Duration = Duration::from_secs(30);
-
 /// Packets queued per dashboard before it counts as too slow. A full
 /// 500-event batch is 500 `cell_executed` plus up to 500 `seat_updated`.
 const OUTGOING_BUFFER_PACKETS: usize = 4096;
@@ -156,7 +153,8 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     let (layer, io) = builder
         .with_adapter::<ClusterAdapter<_>>(adapter)
         .build_layer();
-    let live = Live::Shared(RedisLive::new(cluster.commands.clone(), SESSION_TTL));
+    let session_ttl = Duration::from_secs(s.session_ttl_secs);
+    let live = Live::Shared(RedisLive::new(cluster.commands.clone(), session_ttl));
     let broadcaster = Arc::new(io.clone());
     let cluster_health = Some(cluster.health.clone());
     let parts = AppParts {
@@ -173,7 +171,7 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     crate::realtime::register(&io, app.clone())
         .await
         .context("cannot subscribe to the cluster's channels")?;
-    tokio::spawn(keep_sessions_alive(app.clone()));
+    tokio::spawn(keep_sessions_alive(app.clone(), session_ttl / 3));
     let router = with_socket_io(&app, layer);
     listen(&settings, app, router, directory, Some(cluster)).await
 }
@@ -189,10 +187,10 @@ fn with_socket_io<A: socketioxide::adapter::Adapter>(
     crate::http::router(app.clone()).layer(layer).layer(guard)
 }
 
-/// Refreshes this pod's sessions and presence in Redis so that they outlive
-/// their TTL only while the pod does.
-async fn keep_sessions_alive(app: App) {
-    let mut every = tokio::time::interval(SESSION_TTL / 3);
+/// Refreshes this pod's sessions and presence in Redis every `period` (a
+/// third of their TTL) so that they outlive the TTL only while the pod does.
+async fn keep_sessions_alive(app: App, period: Duration) {
+    let mut every = tokio::time::interval(period);
     loop {
         every.tick().await;
         if let Err(error) = app

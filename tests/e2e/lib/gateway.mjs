@@ -24,7 +24,8 @@ export const BIN = process.env.CELLGATE_BIN
   ? path.resolve(process.env.CELLGATE_BIN)
   : path.resolve(here, '../../../target/debug/cellgate');
 
-const PG = {
+/** Where test databases are created (the CELLGATE_E2E_PG* knobs). */
+export const PG = {
   host: process.env.CELLGATE_E2E_PGHOST ?? '127.0.0.1',
   port: process.env.CELLGATE_E2E_PGPORT ?? '5432',
   user: process.env.CELLGATE_E2E_PGUSER ?? 'postgres',
@@ -72,7 +73,8 @@ function run(file, args, { env, timeout = CLI_TIMEOUT_MS } = {}) {
   });
 }
 
-async function psql(sql) {
+/** Run one SQL statement on the admin database; resolves to stdout, throws on failure. */
+export async function psql(sql) {
   const r = await run('psql', [
     '-h', PG.host, '-p', String(PG.port), '-U', PG.user, '-d', PG.adminDb,
     '-v', 'ON_ERROR_STOP=1', '-X', '-q', '-c', sql,
@@ -81,6 +83,18 @@ async function psql(sql) {
     throw new Error(`psql failed (${r.code}) for ${sql}: ${r.stderr || r.error?.message}`);
   }
   return r.stdout;
+}
+
+/**
+ * The process environment without the harness's own knobs (CELLGATE_BIN,
+ * CELLGATE_E2E_*): the gateway refuses CELLGATE_* variables it does not know.
+ */
+function harnessFreeEnv() {
+  const env = { ...process.env };
+  for (const key of Object.keys(env)) {
+    if (key === 'CELLGATE_BIN' || key.startsWith('CELLGATE_E2E_')) delete env[key];
+  }
+  return env;
 }
 
 /**
@@ -119,7 +133,7 @@ export async function startGateway({ db = 'sqlite', env = {}, databaseUrl, migra
 
   const secret = randomString(48);
   const gwEnv = {
-    ...process.env,
+    ...harnessFreeEnv(),
     CELLGATE_LISTEN_ADDR: `127.0.0.1:${port}`,
     CELLGATE_METRICS_ADDR: `127.0.0.1:${metricsPort}`,
     CELLGATE_DATA_DIR: dir,
