@@ -300,8 +300,12 @@ def test_gateway_gets_its_settings_from_configmap_and_secret(render, name):
         # One key source only: the gateway refuses a secret and a key file together.
         del keys["CELLGATE_JWT_SECRET"]
         assert "CELLGATE_JWT_SECRET" not in env
+    several_pods = values.get("replicaCount", 1) > 1 or values.get("autoscaling", {}).get("enabled", False)
     for var, key in keys.items():
-        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": key, "optional": True}
+        # A missing key reaches the gateway as a missing setting, which it
+        # names; except Redis with several pods (see test_several_pods_cannot_lose_redis).
+        optional = not (var == "CELLGATE_REDIS_URL" and several_pods)
+        assert env[var]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": key, "optional": optional}
     # No secret value ever sits in the pod spec or the ConfigMap.
     spec_text = json.dumps(rendered.deployment) + json.dumps(rendered.one("ConfigMap"))
     for secret_value in ("jwtSecret", "databaseUrl", "redisUrl"):
@@ -366,6 +370,13 @@ def test_explicit_grace_period_must_exceed_the_drain_window(chart, render):
     assert pod_spec(ok.deployment)["terminationGracePeriodSeconds"] == 60
     with pytest.raises(helm.HelmRenderError, match="must exceed"):
         chart.render({"terminationGracePeriodSeconds": 12, "config": {"drainSecs": 10}}, name=RELEASE)
+    # After the window the gateway needs up to about 5 s more to finish
+    # in-flight requests and exit: preStop 3 + drain 10 + 5 = 18 is too short…
+    with pytest.raises(helm.HelmRenderError, match=r"\+ 5 \(18\)"):
+        chart.render({"terminationGracePeriodSeconds": 18, "config": {"drainSecs": 10}}, name=RELEASE)
+    # …and 19 is enough.
+    enough = render({"terminationGracePeriodSeconds": 19, "config": {"drainSecs": 10}})
+    assert pod_spec(enough.deployment)["terminationGracePeriodSeconds"] == 19
     derived = render({"config": {"drainSecs": 45}, "lifecycle": {"preStopSleepSeconds": 0}})
     spec = pod_spec(derived.deployment)
     assert spec["terminationGracePeriodSeconds"] == 60
@@ -544,6 +555,10 @@ def test_migrations_can_be_turned_off(render):
     rendered = render({"migrations": {"enabled": False}})
     assert rendered.all("Job") == []
     assert "cellgate migrate" in rendered.notes
+    # Pods exit on an outdated schema, and an old pod's binary only knows old
+    # migrations: the notes must not send the operator to `kubectl exec … migrate`.
+    assert not re.search(r"exec \S+ -- \S*cellgate migrate", rendered.notes), rendered.notes
+    assert f"rollout restart deploy/{RELEASE}" in rendered.notes
 
 
 # --------------------------------------------------------------------------
@@ -656,6 +671,24 @@ def test_pdb_only_with_several_pods(render):
     assert pdb["spec"]["selector"]["matchLabels"] == render({}).deployment["spec"]["selector"]["matchLabels"]
 
 
+def test_several_pods_cannot_lose_redis(render):
+    """With several pods, a Secret without the Redis key must stop the pods
+    (Kubernetes refuses a required key that is missing) rather than let each
+    pod run alone in single-node mode, deaf to the others' events."""
+    def redis_ref(values):
+        return env_of(render(values).gateway_container)["CELLGATE_REDIS_URL"]["valueFrom"]["secretKeyRef"]
+
+    existing = {"secrets": {"existingSecret": "creds", "keys": {"redisUrl": "redis-url"}}}
+    assert redis_ref(existing) == {"name": "creds", "key": "redis-url", "optional": True}
+    assert redis_ref(deep_merge(existing, {"replicaCount": 3}))["optional"] is False
+    assert redis_ref(deep_merge(existing, {"autoscaling": {"enabled": True}}))["optional"] is False
+    assert redis_ref(deep_merge(WITH_REDIS, {"replicaCount": 2}))["optional"] is False
+    # The other keys stay optional: the gateway names a missing one itself.
+    env = env_of(render(deep_merge(existing, {"replicaCount": 3})).gateway_container)
+    for var in ("CELLGATE_JWT_SECRET", "CELLGATE_DATABASE_URL"):
+        assert env[var]["valueFrom"]["secretKeyRef"]["optional"] is True, var
+
+
 def test_several_pods_need_redis(chart, render):
     for values in ({"replicaCount": 2}, {"autoscaling": {"enabled": True}}):
         with pytest.raises(helm.HelmRenderError, match="needs Redis"):
@@ -715,7 +748,8 @@ ALERTS = {
     "CellgateAuthFailureRatioHigh": ["cellgate_auth_failures_total", "cellgate_auth_duration_seconds_count"],
     "CellgateAuthLatencyHigh": ["cellgate_auth_duration_seconds_bucket"],
     "CellgatePodNotClusterHealthy": ["cellgate_cluster_healthy"],
-    "CellgateEventRejectionsRising": ["cellgate_events_rejected_total", "cellgate_events_ingested_total"],
+    "CellgateEventRejectionsRising": ["cellgate_events_rejected_total",
+                                      "cellgate_ingest_request_duration_seconds_count"],
     "CellgateNoDashboardsDuringClassHours": ["cellgate_connected_sockets"],
 }
 
@@ -737,6 +771,9 @@ def test_prometheus_rule_has_every_alert_on_the_gateway_metrics(render):
             assert f'job="{RELEASE}"' in selector and f'namespace="{NAMESPACE}"' in selector, alert
         assert rules[alert]["labels"]["severity"] in ("warning", "critical")
         assert rules[alert]["annotations"]["summary"]
+    # Rejected POSTs over all POSTs: both in requests. Accepted events (up to
+    # 500 per POST) would make the ratio far too small to ever fire.
+    assert "cellgate_events_ingested_total" not in rules["CellgateEventRejectionsRising"]["expr"]
     assert 'outcome="accepted"' in rules["CellgateAuthLatencyHigh"]["expr"]
     assert "histogram_quantile(0.95" in rules["CellgateAuthLatencyHigh"]["expr"]
 

@@ -20,6 +20,11 @@ BAD_VALUES = [
     pytest.param({"config": {"maxBodyBytes": "512k"}}, "/config/maxBodyBytes", id="string-for-body-limit"),
     pytest.param({"secrets": {"databaseUrl": "mysql://u:p@h/db"}}, "/secrets/databaseUrl", id="not-postgres"),
     pytest.param({"secrets": {"redisURL": "redis://r"}}, "'redisURL' not allowed", id="misspelt-secret-key"),
+    # The gateway's Redis client is built without TLS: a rediss:// URL would be
+    # dialled in plain text (checked against a real Redis), so it is refused.
+    pytest.param({"secrets": {"redisUrl": "rediss://:pw@redis.example:6380/0"}}, "/secrets/redisUrl",
+                 id="rediss-without-tls-support"),
+    pytest.param({"secrets": {"redisUrl": "http://redis:6379"}}, "/secrets/redisUrl", id="not-redis"),
     pytest.param({"service": {"port": "80"}}, "/service/port", id="string-for-port"),
     pytest.param({"service": {"port": 70000}}, "/service/port", id="port-out-of-range"),
     pytest.param({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy", id="bad-pull-policy"),

@@ -69,14 +69,19 @@ app.kubernetes.io/component: gateway
 {{/* Where the mounted JWT public key lives in the container. */}}
 {{- define "cellgate.publicKeyDir" -}}/etc/cellgate/jwt{{- end }}
 
-{{/* Seconds Kubernetes waits after SIGTERM; explicit or derived from the drain window. */}}
+{{/*
+Seconds Kubernetes gives a terminating pod, preStop sleep included; explicit or
+derived from the drain window. After the window the gateway needs up to about
+5 s more (in-flight requests, closing its clients), hence the margin.
+*/}}
 {{- define "cellgate.terminationGracePeriodSeconds" -}}
 {{- $drain := int .Values.config.drainSecs }}
 {{- $preStop := int .Values.lifecycle.preStopSleepSeconds }}
 {{- $explicit := int .Values.terminationGracePeriodSeconds }}
 {{- if gt $explicit 0 }}
-{{- if le $explicit (add $drain $preStop) }}
-{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + config.drainSecs (%d): pods would be killed while draining" $explicit (add $drain $preStop)) }}
+{{- $needed := add $drain $preStop 5 }}
+{{- if le $explicit $needed }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + config.drainSecs + 5 (%d): pods would be killed while draining or finishing their requests" $explicit $needed) }}
 {{- end }}
 {{- $explicit }}
 {{- else }}
@@ -160,7 +165,8 @@ CELLGATE_JWT_PUBLIC_KEY_FILE: {{ printf "%s/%s" (include "cellgate.publicKeyDir"
 Secret environment of a container. $ctx.secretName is the Secret to read;
 $ctx.redis says whether the Redis URL is passed (the migration does not need it).
 Keys are optional: a missing one reaches the gateway as a missing setting,
-which it names in its start-up error.
+which it names in its start-up error. The Redis key is the exception when
+several pods run (see below).
 */}}
 {{- define "cellgate.secretEnv" -}}
 {{- $root := .root }}
@@ -185,7 +191,12 @@ which it names in its start-up error.
     secretKeyRef:
       name: {{ .secretName }}
       key: {{ $keys.redisUrl }}
-      optional: true
+      {{- /*
+      With several pods the key is required: a pod started without it would
+      run alone (single-node mode) and silently miss the other pods' events.
+      Kubernetes then refuses to start the container and names the key.
+      */}}
+      optional: {{ not (include "cellgate.multiPod" $root) }}
 {{- end }}
 {{- end }}
 
