@@ -305,7 +305,7 @@ async fn classrooms(settings: &ResolvedSettings, command: ClassroomsCommand) -> 
 }
 
 fn token(settings: &ResolvedSettings, command: TokenCommand) -> anyhow::Result<()> {
-    let minter = Minter::new(&settings.settings, &settings.key)?;
+    let minter = Minter::new(&settings.settings, settings.key.as_ref())?;
     let token = match command {
         TokenCommand::Instructor { email, ttl } => {
             minter.instructor(&email, Duration::from_secs(ttl))?

@@ -80,8 +80,20 @@ pub struct Settings {
     pub data_dir: PathBuf,
     /// `postgres://…` or `sqlite://…`; the instructor directory and help queue.
     pub database_url: Option<String>,
-    /// Shared secret for HS256/HS384/HS512 tokens.
+    /// Shared secret for HS256/HS384/HS512 tokens; `cellgate token` signs with it.
     pub jwt_secret: Option<String>,
+    /// Older HMAC secrets still accepted while tokens they signed are in use
+    /// (rotation). Never used to sign.
+    pub jwt_previous_secrets: Vec<String>,
+    /// Key id of `jwt_secret` or of the public key: tokens that carry a `kid`
+    /// are checked with the key of that id only.
+    pub jwt_key_id: Option<String>,
+    /// JWKS URL whose signing keys are accepted, refreshed in the background.
+    pub jwks_url: Option<String>,
+    /// How often the JWKS is fetched again, in seconds.
+    pub jwks_refresh_secs: u64,
+    /// Shortest time between two fetches caused by unknown key ids, in seconds.
+    pub jwks_cooldown_secs: u64,
     /// PEM public key for RS*, PS256, ES256/384 or EdDSA tokens.
     pub jwt_public_key_file: Option<PathBuf>,
     /// Accepted algorithms, e.g. `["RS256"]`; by default every algorithm of the key's kind.
@@ -124,6 +136,11 @@ impl Default for Settings {
             data_dir: PathBuf::from(".cellgate"),
             database_url: None,
             jwt_secret: None,
+            jwt_previous_secrets: Vec::new(),
+            jwt_key_id: None,
+            jwks_url: None,
+            jwks_refresh_secs: 300,
+            jwks_cooldown_secs: 30,
             jwt_public_key_file: None,
             jwt_algorithms: None,
             jwt_issuer: None,
@@ -159,6 +176,12 @@ impl fmt::Debug for Settings {
                 "jwt_secret",
                 &self.jwt_secret.as_ref().map(|_| "<redacted>"),
             )
+            .field(
+                "jwt_previous_secrets",
+                &format_args!("<{} redacted>", self.jwt_previous_secrets.len()),
+            )
+            .field("jwt_key_id", &self.jwt_key_id)
+            .field("jwks_url", &self.jwks_url.as_deref().map(redact_url))
             .field("jwt_public_key_file", &self.jwt_public_key_file)
             .field("jwt_issuer", &self.jwt_issuer)
             .field("jwt_audience", &self.jwt_audience)
@@ -210,8 +233,8 @@ pub struct ResolvedSettings {
     pub settings: Settings,
     /// The directory database URL.
     pub database_url: String,
-    /// The token verification key.
-    pub key: KeySource,
+    /// The configured verification key (none when only a JWKS URL is set).
+    pub key: Option<KeySource>,
     /// Whether to apply migrations at start-up.
     pub auto_migrate: bool,
     /// This pod's name.
@@ -326,33 +349,37 @@ impl Settings {
             ));
         }
 
-        let key = match (&self.jwt_secret, &self.jwt_public_key_file, production) {
-            (Some(secret), _, _) => Some(KeySource::Secret(secret.clone())),
-            (None, Some(file), _) => Some(KeySource::PublicKeyFile(file.clone())),
-            (None, None, true) => {
+        self.check_rotation_and_jwks(&mut problems, &mut notes);
+        let has_jwks = self.jwks_url.is_some();
+        let key = match (&self.jwt_secret, &self.jwt_public_key_file) {
+            (Some(secret), _) => Ok(Some(KeySource::Secret(secret.clone()))),
+            (None, Some(file)) => Ok(Some(KeySource::PublicKeyFile(file.clone()))),
+            (None, None) if has_jwks => Ok(None),
+            (None, None) if production => {
                 problems.push(
-                    "CELLGATE_JWT_SECRET or CELLGATE_JWT_PUBLIC_KEY_FILE is required in production"
+                    "CELLGATE_JWT_SECRET, CELLGATE_JWT_PUBLIC_KEY_FILE or CELLGATE_JWKS_URL is \
+                     required in production"
                         .to_string(),
                 );
-                None
+                Err(())
             }
-            (None, None, false) => match dev_secret(&self.data_dir) {
+            (None, None) => match dev_secret(&self.data_dir) {
                 Ok(secret) => {
                     notes.push(format!(
                         "using the development signing secret in {}",
                         self.data_dir.join(DEV_SECRET_FILE).display()
                     ));
-                    Some(KeySource::Secret(secret))
+                    Ok(Some(KeySource::Secret(secret)))
                 }
                 Err(e) => {
                     problems.push(format!("cannot prepare the development secret: {e}"));
-                    None
+                    Err(())
                 }
             },
         };
 
         match (database_url, key) {
-            (Some(database_url), Some(key)) if problems.is_empty() => {
+            (Some(database_url), Ok(key)) if problems.is_empty() => {
                 let auto_migrate = self.auto_migrate.unwrap_or(!production);
                 let node_id = self.node_id.clone().unwrap_or_else(default_node_id);
                 Ok(ResolvedSettings {
@@ -365,6 +392,38 @@ impl Settings {
                 })
             }
             _ => Err(ConfigError { problems }),
+        }
+    }
+
+    fn check_rotation_and_jwks(&self, problems: &mut Vec<String>, notes: &mut Vec<String>) {
+        for (i, secret) in self.jwt_previous_secrets.iter().enumerate() {
+            if secret.is_empty() {
+                problems.push(format!("CELLGATE_JWT_PREVIOUS_SECRETS[{i}] is empty"));
+            } else if secret.len() < 32 {
+                notes.push(format!(
+                    "CELLGATE_JWT_PREVIOUS_SECRETS[{i}] is {} bytes long; use at least 32 random \
+                     bytes",
+                    secret.len()
+                ));
+            }
+        }
+        if self.jwt_key_id.as_deref().is_some_and(str::is_empty) {
+            problems.push("CELLGATE_JWT_KEY_ID is empty".to_string());
+        }
+        if let Some(url) = &self.jwks_url
+            && !url.starts_with("https://")
+            && !url.starts_with("http://")
+        {
+            problems.push(format!(
+                "CELLGATE_JWKS_URL must start with https:// or http://, got {}",
+                redact_url(url)
+            ));
+        }
+        if self.jwks_refresh_secs == 0 {
+            problems.push("CELLGATE_JWKS_REFRESH_SECS must be at least 1".to_string());
+        }
+        if self.jwks_cooldown_secs == 0 {
+            problems.push("CELLGATE_JWKS_COOLDOWN_SECS must be at least 1".to_string());
         }
     }
 }
@@ -546,7 +605,9 @@ mod tests {
         let first = load(&env).unwrap().resolve().unwrap();
         let second = load(&env).unwrap().resolve().unwrap();
 
-        let (KeySource::Secret(a), KeySource::Secret(b)) = (first.key, second.key) else {
+        let (KeySource::Secret(a), KeySource::Secret(b)) =
+            (first.key.unwrap(), second.key.unwrap())
+        else {
             panic!("expected a secret");
         };
         assert_eq!(a, b);

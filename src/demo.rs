@@ -60,7 +60,7 @@ pub async fn run(
     let directory = running.app.directory().directory().clone();
     prepare_directory(&directory, students.max(1)).await?;
 
-    let minter = Minter::new(&settings.settings, &settings.key)?;
+    let minter = Minter::new(&settings.settings, settings.key.as_ref())?;
     let token = minter.instructor(INSTRUCTOR.0, Duration::from_secs(12 * 3600))?;
     print_instructions(&running, &token);
 

@@ -225,6 +225,7 @@ async fn snapshot(
     let claims = app
         .verifier()
         .verify(token, Role::Instructor)
+        .await
         .map_err(ApiError::from_refusal)?;
 
     let me = match app.directory().instructor(&claims.sub).await {

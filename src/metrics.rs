@@ -101,6 +101,10 @@ pub struct Metrics {
     pub cluster_messages_dropped: IntCounter,
     /// Broadcasts the cluster did not take (Redis failed or timed out).
     pub cluster_publish_errors: IntCounter,
+    /// JWKS fetches, by `outcome` (`ok`, `error`).
+    pub jwks_fetches: IntCounterVec,
+    /// Signing keys of the JWKS in use.
+    pub jwks_keys: IntGauge,
 }
 
 impl Metrics {
@@ -274,6 +278,23 @@ impl Metrics {
                     "Broadcasts the cluster did not take (Redis error or timeout).",
                 ),
             ),
+            jwks_fetches: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "cellgate_jwks_fetches_total",
+                        "JWKS fetches (start-up, background refresh, unknown key id), by outcome.",
+                    ),
+                    &["outcome"],
+                ),
+            ),
+            jwks_keys: register(
+                &r,
+                IntGauge::new(
+                    "cellgate_jwks_keys",
+                    "Signing keys of the JWKS in use (0 without CELLGATE_JWKS_URL).",
+                ),
+            ),
             registry: r,
         };
         let process = prometheus::process_collector::ProcessCollector::for_self();
@@ -298,6 +319,9 @@ impl Metrics {
         }
         for reason in REJECT_REASONS {
             self.events_rejected.with_label_values(&[reason]);
+        }
+        for outcome in ["ok", "error"] {
+            self.jwks_fetches.with_label_values(&[outcome]);
         }
         for namespace in NAMESPACES {
             self.connected_sockets.with_label_values(&[namespace]);
@@ -370,7 +394,7 @@ mod tests {
     use super::*;
 
     /// Unit suffixes a metric name may end with.
-    const UNITS: [&str; 4] = ["_seconds", "_sockets", "_total", "_requests"];
+    const UNITS: [&str; 5] = ["_seconds", "_sockets", "_total", "_requests", "_keys"];
 
     #[test]
     fn every_metric_follows_the_naming_rules() {

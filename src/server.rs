@@ -16,7 +16,7 @@ use tokio::task::JoinHandle;
 type ClusterAdapter<E> = CustomRedisAdapter<E, PubSubDriver>;
 
 use crate::app::{App, AppConfig, AppParts};
-use crate::auth::Verifier;
+use crate::auth::{Jwks, Verifier};
 use crate::cluster::Cluster;
 use crate::cluster::driver::PubSubDriver;
 use crate::cluster::store::RedisLive;
@@ -112,7 +112,12 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     let s = &settings.settings;
     let metrics = Metrics::new();
     let directory = open_directory(&settings, true).await?;
-    let verifier = Verifier::new(s, &settings.key).context("unusable JWT key settings")?;
+    let jwks = Jwks::from_settings(s, metrics.clone()).context("unusable JWKS settings")?;
+    let verifier = Verifier::new(s, settings.key.as_ref(), jwks.clone())
+        .context("unusable JWT key settings")?;
+    if let Some(jwks) = jwks {
+        load_key_set(jwks).await;
+    }
     let ttl = Duration::from_secs(s.directory_cache_ttl_secs);
     let cache = DirectoryCache::new(directory.clone(), ttl, metrics.clone());
     let config = AppConfig {
@@ -201,6 +206,17 @@ async fn keep_sessions_alive(app: App, period: Duration) {
             tracing::warn!(%error, "cannot refresh sessions in Redis");
         }
     }
+}
+
+/// Fetches the JWKS once before the gateway takes connections, then keeps
+/// it fresh in the background. A failed first fetch is not fatal: the
+/// refresher tries again every cooldown, and tokens wait for a key.
+async fn load_key_set(jwks: Arc<Jwks>) {
+    match jwks.refresh().await {
+        Ok(keys) => tracing::debug!(keys, "key set ready"),
+        Err(error) => tracing::error!(%error, "cannot load the JWKS at start-up; retrying"),
+    }
+    tokio::spawn(jwks.run());
 }
 
 /// How often `cellgate_open_help_requests` is read from the directory.

@@ -4,17 +4,20 @@
 //! process. Dashboards are then looked up in the directory by
 //! [`crate::realtime`]; notebook extensions only need the token.
 
+mod jwks;
 mod keys;
 mod refusal;
 mod token;
 
-use std::time::Duration;
+use std::sync::Arc;
 
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{DecodingKey, Validation};
+use jsonwebtoken::{Algorithm, Validation};
 use serde::{Deserialize, Serialize};
 
+pub use jwks::{Jwks, JwksError};
 pub use keys::KeyError;
+use keys::{AllowList, VerifyKey};
 pub use refusal::Refusal;
 pub use token::{MintError, Minter};
 
@@ -63,52 +66,69 @@ pub struct Claims {
 }
 
 /// Checks signatures and claims of incoming tokens.
+///
+/// The keys are the configured ones ([`fixed`](Verifier::new)) and, when a
+/// JWKS URL is set, those of the key set. A token that names a key id
+/// (`kid`) is checked with that key only; one without is checked with
+/// every key that may verify its algorithm (several HMAC secrets during a
+/// rotation).
 #[derive(Clone)]
 pub struct Verifier {
-    key: DecodingKey,
-    validation: Validation,
-    leeway: Duration,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    fixed: Vec<VerifyKey>,
+    jwks: Option<Arc<Jwks>>,
+    /// One validation per algorithm, differing only in the algorithm.
+    validations: Vec<(Algorithm, Validation)>,
+    leeway_secs: i64,
 }
 
 impl Verifier {
-    /// Builds a verifier from the configured key and claim rules.
-    pub fn new(settings: &Settings, key: &KeySource) -> Result<Self, KeyError> {
-        let (key, algorithms) = keys::decoding_key(key, settings.jwt_algorithms.as_deref())?;
-
-        let mut validation = Validation::new(algorithms[0]);
-        validation.algorithms = algorithms;
-        // Set explicitly: the library's own default leeway is different.
-        validation.leeway = settings.jwt_leeway_secs;
-        validation.validate_nbf = true;
-        // A configured issuer or audience must be present, not only match.
-        let mut required = vec!["exp"];
-        match &settings.jwt_issuer {
-            Some(iss) => {
-                validation.set_issuer(&[iss]);
-                required.push("iss");
-            }
-            None => validation.iss = None,
-        }
-        match &settings.jwt_audience {
-            Some(aud) => {
-                validation.set_audience(&[aud]);
-                required.push("aud");
-            }
-            None => validation.validate_aud = false,
-        }
-        validation.set_required_spec_claims(&required);
-
-        let leeway = Duration::from_secs(settings.jwt_leeway_secs);
-        Ok(Verifier {
+    /// Builds a verifier from the configured keys and claim rules. `jwks`
+    /// is the key set of `CELLGATE_JWKS_URL`, if any.
+    pub fn new(
+        settings: &Settings,
+        key: Option<&KeySource>,
+        jwks: Option<Arc<Jwks>>,
+    ) -> Result<Self, KeyError> {
+        let allow = AllowList::parse(settings.jwt_algorithms.as_deref())?;
+        let fixed = keys::fixed_keys(
             key,
-            validation,
-            leeway,
+            &settings.jwt_previous_secrets,
+            settings.jwt_key_id.as_deref(),
+            &allow,
+        )?;
+        let template = validation(settings);
+        let validations = ALL_ALGORITHMS
+            .iter()
+            .map(|alg| {
+                let mut v = template.clone();
+                v.algorithms = vec![*alg];
+                (*alg, v)
+            })
+            .collect();
+        Ok(Verifier {
+            inner: Arc::new(Inner {
+                fixed,
+                jwks,
+                validations,
+                leeway_secs: settings.jwt_leeway_secs as i64,
+            }),
         })
     }
 
+    /// A verifier for one HMAC secret and default claim rules (tests,
+    /// benchmarks).
+    pub fn for_secret(secret: &str) -> Result<Self, KeyError> {
+        let key = KeySource::Secret(secret.to_string());
+        Self::new(&Settings::default(), Some(&key), None)
+    }
+
     /// Verifies `token` and checks that it was issued for `role`.
-    pub fn verify(&self, token: &str, role: Role) -> Result<Claims, Refusal> {
-        let claims = self.verify_any_role(token)?;
+    pub async fn verify(&self, token: &str, role: Role) -> Result<Claims, Refusal> {
+        let claims = self.verify_any_role(token).await?;
         if claims.role != role {
             return Err(Refusal::invalid("wrong role"));
         }
@@ -117,22 +137,92 @@ impl Verifier {
 
     /// Verifies `token` whatever its role; the caller decides what the role
     /// may do (the ingest API answers 403, not 401, to an instructor).
-    pub fn verify_any_role(&self, token: &str) -> Result<Claims, Refusal> {
+    pub async fn verify_any_role(&self, token: &str) -> Result<Claims, Refusal> {
         if token.is_empty() {
             return Err(Refusal::invalid("no token"));
         }
         if token.len() > MAX_TOKEN_BYTES {
             return Err(Refusal::invalid("token too large"));
         }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|_| Refusal::invalid("malformed token"))?;
+        if !header.typ.as_deref().is_none_or(typ_is_jwt) {
+            return Err(Refusal::invalid("wrong typ"));
+        }
 
-        let data = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
-            .map_err(|e| refusal_for(e.kind()))?;
-        let claims = data.claims;
+        let keys = self.keys_for(header.kid.as_deref()).await?;
+        let claims = self.check_signature(token, header.alg, &keys)?;
+        self.check_claims(claims)
+    }
 
+    /// The keys a token with this `kid` may be checked with.
+    async fn keys_for(&self, kid: Option<&str>) -> Result<Vec<VerifyKey>, Refusal> {
+        let Some(kid) = kid else {
+            return Ok(self.all_keys());
+        };
+        let named = |keys: Vec<VerifyKey>| -> Vec<VerifyKey> {
+            keys.into_iter()
+                .filter(|k| k.kid.as_deref() == Some(kid))
+                .collect()
+        };
+        let found = named(self.all_keys());
+        if !found.is_empty() {
+            return Ok(found);
+        }
+        let Some(jwks) = &self.inner.jwks else {
+            return Err(Refusal::invalid("unknown key id"));
+        };
+        jwks.refetch_for_unknown_kid().await;
+        let found = named(self.all_keys());
+        if found.is_empty() {
+            return Err(Refusal::invalid("unknown key id"));
+        }
+        Ok(found)
+    }
+
+    fn all_keys(&self) -> Vec<VerifyKey> {
+        let mut keys = self.inner.fixed.clone();
+        if let Some(jwks) = &self.inner.jwks {
+            keys.extend(jwks.keys().iter().cloned());
+        }
+        keys
+    }
+
+    /// The claims of the first key whose signature matches. Anything but a
+    /// signature mismatch (an expired token, say) is the answer at once:
+    /// the signature was good.
+    fn check_signature(
+        &self,
+        token: &str,
+        alg: Algorithm,
+        keys: &[VerifyKey],
+    ) -> Result<Claims, Refusal> {
+        let validation = self
+            .inner
+            .validations
+            .iter()
+            .find(|(a, _)| *a == alg)
+            .map(|(_, v)| v)
+            .ok_or(Refusal::invalid("algorithm not allowed"))?;
+        let mut usable = keys.iter().filter(|k| k.allows(alg)).peekable();
+        if usable.peek().is_none() {
+            return Err(Refusal::invalid("algorithm not allowed"));
+        }
+        for key in usable {
+            match jsonwebtoken::decode::<Claims>(token, &key.key, validation) {
+                Ok(data) => return Ok(data.claims),
+                Err(e) if matches!(e.kind(), ErrorKind::InvalidSignature) => continue,
+                Err(e) => return Err(refusal_for(e.kind())),
+            }
+        }
+        Err(Refusal::invalid("bad signature"))
+    }
+
+    fn check_claims(&self, claims: Claims) -> Result<Claims, Refusal> {
         let now = jsonwebtoken::get_current_timestamp() as i64;
         if claims
             .iat
-            .is_some_and(|iat| iat > now + self.leeway.as_secs() as i64)
+            .is_some_and(|iat| iat > now + self.inner.leeway_secs)
         {
             return Err(Refusal::invalid("issued in the future"));
         }
@@ -141,6 +231,55 @@ impl Verifier {
         }
         Ok(claims)
     }
+}
+
+/// Every algorithm jsonwebtoken implements.
+const ALL_ALGORITHMS: [Algorithm; 12] = [
+    Algorithm::HS256,
+    Algorithm::HS384,
+    Algorithm::HS512,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
+
+/// `typ` values of a signed JWT (RFC 7519) or an OAuth access token in JWT
+/// form (RFC 9068); anything else is another kind of object.
+fn typ_is_jwt(typ: &str) -> bool {
+    let typ = typ.strip_prefix("application/").unwrap_or(typ);
+    typ.eq_ignore_ascii_case("jwt") || typ.eq_ignore_ascii_case("at+jwt")
+}
+
+/// The claim rules, without the algorithm.
+fn validation(settings: &Settings) -> Validation {
+    let mut validation = Validation::new(Algorithm::HS256);
+    // Set explicitly: the library's own default leeway is different.
+    validation.leeway = settings.jwt_leeway_secs;
+    validation.validate_nbf = true;
+    // A configured issuer or audience must be present, not only match.
+    let mut required = vec!["exp"];
+    match &settings.jwt_issuer {
+        Some(iss) => {
+            validation.set_issuer(&[iss]);
+            required.push("iss");
+        }
+        None => validation.iss = None,
+    }
+    match &settings.jwt_audience {
+        Some(aud) => {
+            validation.set_audience(&[aud]);
+            required.push("aud");
+        }
+        None => validation.validate_aud = false,
+    }
+    validation.set_required_spec_claims(&required);
+    validation
 }
 
 fn refusal_for(kind: &ErrorKind) -> Refusal {

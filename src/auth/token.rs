@@ -24,18 +24,24 @@ pub enum MintError {
 /// Signs tokens with the configured HMAC secret.
 pub struct Minter {
     key: EncodingKey,
+    header: Header,
     issuer: Option<String>,
     audience: Option<String>,
 }
 
 impl Minter {
     /// A minter for the configured secret, with the configured `iss`/`aud`.
-    pub fn new(settings: &Settings, key: &KeySource) -> Result<Self, MintError> {
-        let KeySource::Secret(secret) = key else {
+    pub fn new(settings: &Settings, key: Option<&KeySource>) -> Result<Self, MintError> {
+        let Some(KeySource::Secret(secret)) = key else {
             return Err(MintError::NoSecret);
+        };
+        let header = Header {
+            kid: settings.jwt_key_id.clone(),
+            ..Header::default()
         };
         Ok(Minter {
             key: EncodingKey::from_secret(secret.as_bytes())?,
+            header,
             issuer: settings.jwt_issuer.clone(),
             audience: settings.jwt_audience.clone(),
         })
@@ -76,10 +82,6 @@ impl Minter {
     }
 
     fn sign(&self, claims: Claims) -> Result<String, MintError> {
-        Ok(jsonwebtoken::encode(
-            &Header::default(),
-            &claims,
-            &self.key,
-        )?)
+        Ok(jsonwebtoken::encode(&self.header, &claims, &self.key)?)
     }
 }

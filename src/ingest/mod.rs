@@ -74,8 +74,11 @@ async fn ingest(
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
     let token = bearer(header).ok_or(ApiError::Unauthorized("no bearer token"))?;
-    let claims = tracing::info_span!("auth.verify_token", role = "student")
-        .in_scope(|| app.verifier().verify_any_role(token))
+    let claims = app
+        .verifier()
+        .verify_any_role(token)
+        .instrument(tracing::info_span!("auth.verify_token", role = "student"))
+        .await
         .map_err(ApiError::from_refusal)?;
     if claims.role != Role::Student {
         return Err(ApiError::Forbidden(

@@ -127,8 +127,14 @@ async fn check<A: Adapter>(
     auth: Option<serde_json::Value>,
 ) -> Result<Arc<Session>, Refused> {
     let token = token_of(app, s, auth.as_ref()).ok_or((Refusal::invalid("no token"), None))?;
-    let claims = tracing::info_span!("auth.verify_token", role = "instructor")
-        .in_scope(|| app.verifier().verify(&token, Role::Instructor))
+    let claims = app
+        .verifier()
+        .verify(&token, Role::Instructor)
+        .instrument(tracing::info_span!(
+            "auth.verify_token",
+            role = "instructor"
+        ))
+        .await
         .map_err(|r| (r, None))?;
 
     let instructor = match app.directory().instructor(&claims.sub).await {
