@@ -19,6 +19,10 @@ use serde::{Deserialize, Serialize};
 /// The environment variable prefix shared by every setting.
 pub const ENV_PREFIX: &str = "CELLGATE_";
 
+/// `CELLGATE_*` variables that the command line reads itself (`--config`),
+/// not settings.
+const COMMAND_LINE_ONLY: [&str; 1] = ["config"];
+
 /// File name of the development signing secret inside the data directory.
 const DEV_SECRET_FILE: &str = "dev-jwt-secret";
 
@@ -248,7 +252,7 @@ impl Settings {
     /// environment, then `overrides` (command-line flags).
     pub fn load(config_file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
         Self::from_figment(
-            Self::figment(config_file).merge(Env::prefixed(ENV_PREFIX)),
+            Self::figment(config_file).merge(Env::prefixed(ENV_PREFIX).ignore(&COMMAND_LINE_ONLY)),
             overrides,
         )
     }
@@ -262,7 +266,9 @@ impl Settings {
     ) -> Result<Self, ConfigError> {
         let mut values = figment::value::Dict::new();
         for (key, value) in env {
-            if let Some(name) = key.strip_prefix(ENV_PREFIX) {
+            if let Some(name) = key.strip_prefix(ENV_PREFIX)
+                && !COMMAND_LINE_ONLY.contains(&name.to_lowercase().as_str())
+            {
                 // Parsed the way the `Env` provider parses the real environment.
                 let parsed = value.parse().unwrap_or_else(|_| value.into());
                 values.insert(name.to_lowercase(), parsed);
@@ -640,6 +646,14 @@ mod tests {
         let resolved = load(&fine).unwrap().resolve().unwrap();
         assert_eq!(resolved.settings.session_ttl_secs, 6);
         assert_eq!(load(&[]).unwrap().session_ttl_secs, 30);
+    }
+
+    #[test]
+    fn the_config_file_variable_is_not_taken_for_a_setting() {
+        // Regression: `CELLGATE_CONFIG` (read by clap for --config) made
+        // every command fail with "unknown field: found `config`".
+        let s = load(&[("CELLGATE_CONFIG", "/etc/cellgate.toml")]).unwrap();
+        assert_eq!(s.listen_addr, Settings::default().listen_addr);
     }
 
     #[test]
