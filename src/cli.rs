@@ -27,6 +27,11 @@ Environment:
   CELLGATE_JWT_SECRET             HS256/384/512 shared secret
   CELLGATE_JWT_PUBLIC_KEY_FILE    PEM public key (RS*, PS256, ES256/384, EdDSA)
   CELLGATE_JWT_ALGORITHMS         accepted algorithms, e.g. [\"RS256\"] [all of the key's kind]
+  CELLGATE_JWT_PREVIOUS_SECRETS   older HMAC secrets still accepted (rotation), e.g. [\"…\"]
+  CELLGATE_JWT_KEY_ID             kid of the secret or public key; minted tokens carry it
+  CELLGATE_JWKS_URL               JWKS URL of an identity provider's signing keys
+  CELLGATE_JWKS_REFRESH_SECS      how often the key set is fetched again [300]
+  CELLGATE_JWKS_COOLDOWN_SECS     shortest gap between fetches caused by unknown kids [30]
   CELLGATE_JWT_ISSUER             expected iss claim
   CELLGATE_JWT_AUDIENCE           expected aud claim
   CELLGATE_JWT_LEEWAY_SECS        clock leeway [30]
