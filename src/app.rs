@@ -127,6 +127,9 @@ pub struct AppConfig {
     pub max_body_bytes: usize,
     /// Whether `?token=` is read on the handshake.
     pub allow_query_token: bool,
+    /// Clock leeway of token checks, seconds: a connected dashboard is
+    /// disconnected this long after its token's `exp`.
+    pub jwt_leeway_secs: u64,
 }
 
 /// What an [`App`] is made of.

@@ -53,6 +53,17 @@ pub const CLOSE_REASONS: [&str; 8] = [
     "multiple_polling",
 ];
 
+/// Answers to `refresh_token`: `ok` or the error code of the acknowledgement.
+pub const REFRESH_OUTCOMES: [&str; 7] = [
+    "ok",
+    "invalid_token",
+    "token_expired",
+    "different_instructor",
+    "instructor_inactive",
+    "instructor_not_found",
+    "directory_unavailable",
+];
+
 /// The Socket.IO namespaces cellgate serves.
 pub const NAMESPACES: [&str; 1] = ["/"];
 
@@ -101,6 +112,10 @@ pub struct Metrics {
     pub cluster_messages_dropped: IntCounter,
     /// Broadcasts the cluster did not take (Redis failed or timed out).
     pub cluster_publish_errors: IntCounter,
+    /// `refresh_token` requests, by `outcome` ([`REFRESH_OUTCOMES`]).
+    pub token_refreshes: IntCounterVec,
+    /// Dashboards disconnected because their token expired.
+    pub token_expired_disconnects: IntCounter,
     /// JWKS fetches, by `outcome` (`ok`, `error`).
     pub jwks_fetches: IntCounterVec,
     /// Signing keys of the JWKS in use.
@@ -278,6 +293,23 @@ impl Metrics {
                     "Broadcasts the cluster did not take (Redis error or timeout).",
                 ),
             ),
+            token_refreshes: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "cellgate_token_refreshes_total",
+                        "refresh_token requests from connected dashboards, by outcome.",
+                    ),
+                    &["outcome"],
+                ),
+            ),
+            token_expired_disconnects: register(
+                &r,
+                IntCounter::new(
+                    "cellgate_token_expired_disconnects_total",
+                    "Dashboards disconnected because their token expired while connected.",
+                ),
+            ),
             jwks_fetches: register(
                 &r,
                 IntCounterVec::new(
@@ -322,6 +354,9 @@ impl Metrics {
         }
         for outcome in ["ok", "error"] {
             self.jwks_fetches.with_label_values(&[outcome]);
+        }
+        for outcome in REFRESH_OUTCOMES {
+            self.token_refreshes.with_label_values(&[outcome]);
         }
         for namespace in NAMESPACES {
             self.connected_sockets.with_label_values(&[namespace]);

@@ -124,6 +124,7 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         node_id: settings.node_id.clone(),
         max_body_bytes: s.max_body_bytes,
         allow_query_token: s.allow_query_token,
+        jwt_leeway_secs: s.jwt_leeway_secs,
     };
     let drain = Drain::new();
     let builder = SocketIo::builder()

@@ -42,6 +42,7 @@ pub(super) fn register<A: Adapter>(app: &App, s: &SocketRef<A>) {
     on(app, s, "claim_help", claim_help);
     on(app, s, "resolve_help", resolve_help);
     on(app, s, "set_status", set_status);
+    on(app, s, "refresh_token", super::expiry::refresh_token);
 }
 
 /// Wires `handler` to `event`: parses the payload as `T`, answers

@@ -149,6 +149,8 @@ async fn check<A: Adapter>(
         return Err((Refusal::InstructorInactive, Some(instructor.id)));
     }
 
+    s.extensions
+        .insert(super::expiry::TokenLife::new(app, claims.exp));
     Ok(Arc::new(Session {
         sid: s.id.to_string(),
         instructor_id: instructor.id,

@@ -6,6 +6,7 @@
 //! the handlers in [`events`] answer its requests.
 
 mod events;
+mod expiry;
 mod handshake;
 
 use std::sync::Arc;
@@ -22,7 +23,7 @@ use crate::app::{App, Session};
 use crate::model::{InstructorStatus, timestamp};
 
 /// The only namespace dashboards use.
-const NAMESPACE: &str = "/";
+pub const NAMESPACE: &str = "/";
 
 /// Registers the `/` namespace on `io`.
 pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, app: App) -> A::InitRes {
@@ -65,6 +66,9 @@ fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
         tracing::debug!(sid = %s.id, %error, "socket left before connection_accepted");
     }
 
+    if let Some(life) = s.extensions.get::<Arc<expiry::TokenLife>>() {
+        expiry::watch(&app, &s, life);
+    }
     events::register(&app, &s);
     let disconnect_app = app.clone();
     s.on_disconnect(move |s: SocketRef<A>, reason: DisconnectReason| {
@@ -74,6 +78,9 @@ fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
 }
 
 async fn disconnected<A: Adapter>(app: App, s: SocketRef<A>, reason: DisconnectReason) {
+    if let Some(life) = s.extensions.get::<Arc<expiry::TokenLife>>() {
+        life.stop();
+    }
     let metrics = app.metrics();
     metrics
         .connected_sockets
