@@ -110,7 +110,8 @@ pub struct Metrics {
     pub cluster_healthy: IntGauge,
     /// Cluster messages received but not handed to the adapter.
     pub cluster_messages_dropped: IntCounter,
-    /// Broadcasts the cluster did not take (Redis failed or timed out).
+    /// Broadcasts the cluster did not take (Redis failed or timed out, or
+    /// fewer pods than expected got it).
     pub cluster_publish_errors: IntCounter,
     /// `refresh_token` requests, by `outcome` ([`REFRESH_OUTCOMES`]).
     pub token_refreshes: IntCounterVec,
@@ -290,7 +291,7 @@ impl Metrics {
                 &r,
                 IntCounter::new(
                     "cellgate_cluster_publish_errors_total",
-                    "Broadcasts the cluster did not take (Redis error or timeout).",
+                    "Broadcasts the cluster did not take (Redis error or timeout, or a pod missed it).",
                 ),
             ),
             token_refreshes: register(

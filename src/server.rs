@@ -18,7 +18,7 @@ type ClusterAdapter<E> = CustomRedisAdapter<E, PubSubDriver>;
 use crate::app::{App, AppConfig, AppParts};
 use crate::auth::{Jwks, Verifier};
 use crate::cluster::Cluster;
-use crate::cluster::driver::PubSubDriver;
+use crate::cluster::driver::{PubSubDriver, broadcast_channel};
 use crate::cluster::store::RedisLive;
 use crate::config::{Profile, ResolvedSettings, redact_url};
 use crate::directory::Directory;
@@ -151,7 +151,8 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         return listen(&settings, app, router, directory, None).await;
     };
 
-    let cluster = Cluster::connect(redis_url, &settings.node_id, &metrics).await?;
+    let everyone = broadcast_channel(ADAPTER_PREFIX, crate::realtime::NAMESPACE);
+    let mut cluster = Cluster::connect(redis_url, &settings.node_id, everyone, &metrics).await?;
     let adapter = RedisAdapterCtr::new_with_driver(
         cluster.driver.clone(),
         RedisAdapterConfig::new().with_prefix(ADAPTER_PREFIX),
@@ -177,6 +178,10 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     crate::realtime::register(&io, app.clone())
         .await
         .context("cannot subscribe to the cluster's channels")?;
+    cluster
+        .start_probe()
+        .await
+        .context("cannot subscribe to the cluster's probe channel")?;
     tokio::spawn(keep_sessions_alive(app.clone(), session_ttl / 3));
     let router = with_socket_io(&app, layer);
     listen(&settings, app, router, directory, Some(cluster)).await

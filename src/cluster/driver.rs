@@ -12,6 +12,12 @@
 //!   fred's own `resubscribe_all` first sends a SUBSCRIBE with no channel,
 //!   which Redis refuses, so it never reaches the SSUBSCRIBE and the pod
 //!   would stay deaf. (Upstream fix: skip empty channel lists there.)
+//!
+//! And a broadcast to every pod fails unless Redis handed it to as many
+//! subscribers as there are pods ([`Peers::expected`]): a pod that lost its
+//! subscriptions is not counted by Redis, and the event must not be
+//! acknowledged while its dashboards cannot get it (the cluster suite's
+//! `redis-outage.test.mjs` cuts one pod off to check this).
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
@@ -22,6 +28,7 @@ use fred::interfaces::{EventInterface, PubsubInterface};
 use socketioxide_redis::drivers::{ChanItem, Driver, MessageStream};
 use tokio::sync::mpsc;
 
+use super::peers::Peers;
 use crate::metrics::Metrics;
 
 /// How long a publish may take before it counts as failed.
@@ -36,9 +43,24 @@ pub enum DriverError {
     /// Redis did not answer in time.
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
+    /// Fewer pods got a broadcast than are in the cluster.
+    #[error("{receivers} of {expected} pods got the broadcast")]
+    Unheard {
+        /// Subscribers Redis handed it to.
+        receivers: usize,
+        /// Pods in the cluster, this one included.
+        expected: usize,
+    },
 }
 
 type Handlers = RwLock<HashMap<String, mpsc::Sender<ChanItem>>>;
+
+/// The adapter's channel for broadcasts to every pod of namespace `ns`
+/// (socketioxide-redis names it `{prefix}-request#{namespace}#`; every
+/// pod's adapter subscribes to it).
+pub fn broadcast_channel(prefix: &str, ns: &str) -> String {
+    format!("{prefix}-request#{ns}#")
+}
 
 /// Sharded pub/sub for the Socket.IO adapter and the health probe.
 #[derive(Clone)]
@@ -46,11 +68,20 @@ pub struct PubSubDriver {
     client: SubscriberClient,
     handlers: Arc<Handlers>,
     metrics: Metrics,
+    peers: Arc<Peers>,
+    /// Publishes here must reach every pod.
+    everyone: Arc<str>,
 }
 
 impl PubSubDriver {
     /// Starts delivering messages and re-subscribing after reconnects.
-    pub fn new(client: SubscriberClient, metrics: Metrics) -> Self {
+    /// Publishes on `everyone` must reach every pod in `peers`.
+    pub fn new(
+        client: SubscriberClient,
+        metrics: Metrics,
+        peers: Arc<Peers>,
+        everyone: String,
+    ) -> Self {
         let handlers = Arc::new(Handlers::default());
         tokio::spawn(dispatch(client.clone(), handlers.clone(), metrics.clone()));
         tokio::spawn(resubscribe_on_reconnect(client.clone()));
@@ -58,15 +89,22 @@ impl PubSubDriver {
             client,
             handlers,
             metrics,
+            peers,
+            everyone: everyone.into(),
         }
     }
 
     /// Publishes with the timeout but without counting a failure (the
     /// health probe has its own verdict).
     pub async fn publish_uncounted(&self, chan: String, val: Vec<u8>) -> Result<(), DriverError> {
+        self.publish_to(chan, val).await.map(|_receivers| ())
+    }
+
+    /// Publishes with the timeout; returns how many subscribers got it.
+    async fn publish_to(&self, chan: String, val: Vec<u8>) -> Result<usize, DriverError> {
         let sent = self.client.spublish::<i64, _, _>(chan, val);
         match tokio::time::timeout(PUBLISH_TIMEOUT, sent).await {
-            Ok(Ok(_receivers)) => Ok(()),
+            Ok(Ok(receivers)) => Ok(usize::try_from(receivers).unwrap_or(0)),
             Ok(Err(e)) => Err(DriverError::Redis(e)),
             Err(_) => Err(DriverError::Timeout(PUBLISH_TIMEOUT)),
         }
@@ -82,7 +120,17 @@ impl Driver for PubSubDriver {
     type Error = DriverError;
 
     async fn publish(&self, chan: String, val: Vec<u8>) -> Result<(), Self::Error> {
-        let result = self.publish_uncounted(chan, val).await;
+        let to_everyone = *chan == *self.everyone;
+        let result = match self.publish_to(chan, val).await {
+            Ok(receivers) if to_everyone && receivers < self.peers.expected() => {
+                Err(DriverError::Unheard {
+                    receivers,
+                    expected: self.peers.expected(),
+                })
+            }
+            Ok(_) => Ok(()),
+            Err(error) => Err(error),
+        };
         if let Err(error) = &result {
             self.metrics.cluster_publish_errors.inc();
             tracing::warn!(%error, "cluster publish failed");

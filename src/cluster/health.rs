@@ -1,23 +1,37 @@
-//! Deaf-pod detection: a pod can be connected to Redis and still receive
-//! nothing (its subscriptions were lost in a restart or failover). A probe
-//! message sent through the very pub/sub path the adapter uses tells.
+//! Deaf-pod detection and the roll call of pods.
+//!
+//! A pod can be connected to Redis and still receive nothing (its
+//! subscriptions were lost in a restart or failover). So every second each
+//! pod publishes a probe on one channel every pod subscribes to, through the
+//! very pub/sub path the adapter uses: hearing its own probe come back
+//! tells the pod it hears the cluster; hearing the others' tells it which
+//! pods a broadcast must reach ([`super::peers`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use fred::interfaces::ClientLike;
 use futures_util::StreamExt;
-use socketioxide_redis::drivers::Driver;
+use socketioxide_redis::drivers::{Driver, MessageStream};
+use tokio::task::JoinHandle;
 
-use super::driver::PubSubDriver;
+use super::driver::{DriverError, PubSubDriver};
+use super::peers::Peers;
 use crate::metrics::Metrics;
 
+/// The channel every pod probes on.
+pub const PROBE_CHANNEL: &str = "cellgate-probe#";
 /// Time between probes.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
-/// How long a probe may take to come back.
-const PROBE_WAIT: Duration = Duration::from_millis(800);
+/// How long publishing a probe may take.
+const PUBLISH_WAIT: Duration = Duration::from_millis(800);
 /// Missed probes in a row before the pod declares itself unhealthy.
 const MISSES_TO_FAIL: u32 = 2;
+/// Probe messages buffered before the prober reads them.
+const PROBE_BUFFER: usize = 256;
+/// What a pod that shuts down sends instead of a nonce.
+const GOODBYE: &str = "bye";
 
 /// Whether this pod both reaches Redis and hears the cluster.
 pub struct ClusterHealth {
@@ -53,49 +67,143 @@ impl ClusterHealth {
     }
 }
 
-/// Probes forever: publish a nonce on this pod's probe channel and wait for
-/// it to come back through the subscription.
-pub async fn probe(driver: PubSubDriver, health: Arc<ClusterHealth>, node_id: String) {
-    let channel = format!("cellgate-probe#{node_id}#{}", uuid::Uuid::new_v4().simple());
-    let mut misses = 0u32;
-    let mut stream = None;
-    let mut every = tokio::time::interval(PROBE_EVERY);
-    loop {
-        every.tick().await;
-        if stream.is_none() {
-            stream = driver.subscribe(channel.clone(), 16).await.ok();
-        }
-        let heard = match stream.as_mut() {
-            Some(stream) => round_trip(&driver, &channel, stream).await,
-            None => false,
-        };
-        misses = if heard { 0 } else { misses + 1 };
-        if heard {
-            health.set(true);
-        } else if misses >= MISSES_TO_FAIL {
-            health.set(false);
+/// The running probe; [`Prober::goodbye`] stops it and tells the others.
+pub struct Prober {
+    task: JoinHandle<()>,
+    driver: PubSubDriver,
+    peers: Arc<Peers>,
+}
+
+impl Prober {
+    /// Subscribes to the probe channel and starts probing.
+    pub async fn start(
+        driver: PubSubDriver,
+        health: Arc<ClusterHealth>,
+        peers: Arc<Peers>,
+    ) -> Result<Self, DriverError> {
+        let stream = driver
+            .subscribe(PROBE_CHANNEL.to_string(), PROBE_BUFFER)
+            .await?;
+        let task = tokio::spawn(probe(driver.clone(), health, peers.clone(), stream));
+        Ok(Prober {
+            task,
+            driver,
+            peers,
+        })
+    }
+
+    /// Stops probing and tells the other pods this one is gone, so that
+    /// they stop waiting for it at once.
+    pub async fn goodbye(&self) {
+        self.task.abort();
+        let message = format!("{} {GOODBYE}", self.peers.me());
+        if let Err(error) = publish(&self.driver, message).await {
+            tracing::warn!(%error, "cannot say goodbye to the cluster; the others forget this pod on their own");
         }
     }
 }
 
-async fn round_trip<S>(driver: &PubSubDriver, channel: &str, stream: &mut S) -> bool
-where
-    S: futures_util::Stream<Item = (String, Vec<u8>)> + Unpin,
-{
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    let sent = driver.publish_uncounted(channel.to_string(), nonce.clone().into_bytes());
-    if sent.await.is_err() {
-        return false;
-    }
-    let wait = async {
-        while let Some((_, data)) = stream.next().await {
-            if data == nonce.as_bytes() {
-                return true;
+/// What one message on the probe channel says.
+#[derive(Debug, PartialEq, Eq)]
+enum Heard<'a> {
+    /// A probe, from `pod`.
+    Probe { pod: &'a str, nonce: &'a str },
+    /// `pod` is shutting down.
+    Goodbye { pod: &'a str },
+}
+
+fn parse(message: &[u8]) -> Option<Heard<'_>> {
+    let (pod, rest) = std::str::from_utf8(message).ok()?.split_once(' ')?;
+    Some(match rest {
+        GOODBYE => Heard::Goodbye { pod },
+        nonce => Heard::Probe { pod, nonce },
+    })
+}
+
+/// Probes forever: each period, a probe not heard back (or a client not
+/// connected) is a miss; a probe heard back makes the pod healthy at once.
+async fn probe(
+    driver: PubSubDriver,
+    health: Arc<ClusterHealth>,
+    peers: Arc<Peers>,
+    mut stream: MessageStream<(String, Vec<u8>)>,
+) {
+    let mut every = tokio::time::interval(PROBE_EVERY);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut pending: Option<String> = None;
+    let mut misses = 0u32;
+    loop {
+        tokio::select! {
+            _ = every.tick() => {
+                // A disconnected client hears nothing: a miss at once, rather
+                // than a probe that waits in fred's queue for the reconnection.
+                let heard_last = pending.is_none() && driver.client().is_connected();
+                if heard_last {
+                    misses = 0;
+                    peers.tick();
+                } else {
+                    misses += 1;
+                    if misses >= MISSES_TO_FAIL {
+                        health.set(false);
+                    }
+                }
+                pending = send_probe(&driver, &peers).await;
+            }
+            message = stream.next() => {
+                let Some((_, data)) = message else { return };
+                match parse(&data) {
+                    Some(Heard::Probe { pod, nonce }) if pod == peers.me() => {
+                        if pending.as_deref() == Some(nonce) {
+                            pending = None;
+                            health.set(true);
+                        }
+                    }
+                    Some(Heard::Probe { pod, .. }) => peers.heard(pod),
+                    Some(Heard::Goodbye { pod }) => peers.left(pod),
+                    None => tracing::debug!("unreadable probe message"),
+                }
             }
         }
-        false
-    };
-    tokio::time::timeout(PROBE_WAIT, wait)
+    }
+}
+
+/// Publishes a fresh nonce; returns it, to be heard back before the next
+/// period. A probe that cannot be sent is still pending: a miss.
+async fn send_probe(driver: &PubSubDriver, peers: &Peers) -> Option<String> {
+    let nonce = uuid::Uuid::new_v4().simple().to_string();
+    if driver.client().is_connected()
+        && let Err(error) = publish(driver, format!("{} {nonce}", peers.me())).await
+    {
+        tracing::debug!(%error, "probe not sent");
+    }
+    Some(nonce)
+}
+
+async fn publish(driver: &PubSubDriver, message: String) -> Result<(), DriverError> {
+    let sent = driver.publish_uncounted(PROBE_CHANNEL.to_string(), message.into_bytes());
+    tokio::time::timeout(PUBLISH_WAIT, sent)
         .await
-        .unwrap_or(false)
+        .map_err(|_| DriverError::Timeout(PUBLISH_WAIT))?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn probe_messages_are_read() {
+        assert_eq!(
+            parse(b"pod-a#1f2e 9c8d"),
+            Some(Heard::Probe {
+                pod: "pod-a#1f2e",
+                nonce: "9c8d"
+            })
+        );
+        assert_eq!(
+            parse(b"pod-a#1f2e bye"),
+            Some(Heard::Goodbye { pod: "pod-a#1f2e" })
+        );
+        assert_eq!(parse(b"no-space"), None);
+        assert_eq!(parse(&[0xff, b' ', b'x']), None);
+    }
 }

@@ -3,10 +3,12 @@
 //!
 //! - [`driver`]: the pub/sub driver under the Socket.IO Redis adapter;
 //! - [`health`]: the probe that notices a pod that no longer hears Redis;
+//! - [`peers`]: the pods a broadcast must reach, learnt from the probes;
 //! - [`store`]: seats, presence, sessions and event ids in Redis.
 
 pub mod driver;
 pub mod health;
+pub mod peers;
 pub mod store;
 
 use std::sync::Arc;
@@ -19,14 +21,20 @@ use fred::types::{InfoKind, RespVersion};
 
 use crate::config::redact_url;
 use crate::metrics::Metrics;
-use driver::PubSubDriver;
-use health::ClusterHealth;
+use driver::{DriverError, PubSubDriver};
+use health::{ClusterHealth, Prober};
+use peers::Peers;
 
 /// Oldest Redis major version with sharded pub/sub.
 const MIN_REDIS_MAJOR: u32 = 7;
 
 /// How long one Redis command may take before it fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Longest wait between two reconnection attempts, in milliseconds: a pod
+/// back within a second of Redis is heard by the others long before they
+/// stop waiting for it ([`peers::FORGET_AFTER_TICKS`]).
+const RECONNECT_MAX_DELAY_MS: u32 = 1_000;
 
 /// Why cluster mode could not start.
 #[derive(Debug, thiserror::Error)]
@@ -68,13 +76,17 @@ pub struct Cluster {
     pub driver: PubSubDriver,
     /// The probe's verdict.
     pub health: Arc<ClusterHealth>,
+    peers: Arc<Peers>,
+    prober: Option<Prober>,
 }
 
 impl Cluster {
-    /// Connects both clients, checks the server version and starts the probe.
+    /// Connects both clients and checks the server version. Publishes on
+    /// `everyone` (the adapter's broadcast channel) must reach every pod.
     pub async fn connect(
         url: &str,
         node_id: &str,
+        everyone: String,
         metrics: &Metrics,
     ) -> Result<Self, ClusterError> {
         let shown = redact_url(url);
@@ -91,7 +103,12 @@ impl Cluster {
             builder
                 .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
                 .with_connection_config(|c| c.connection_timeout = COMMAND_TIMEOUT)
-                .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2));
+                .set_policy(ReconnectPolicy::new_exponential(
+                    0,
+                    100,
+                    RECONNECT_MAX_DELAY_MS,
+                    2,
+                ));
             builder
         };
         let unreachable = |source| ClusterError::Unreachable {
@@ -105,20 +122,29 @@ impl Cluster {
         let subscriber: SubscriberClient =
             builder().build_subscriber_client().map_err(unreachable)?;
         subscriber.init().await.map_err(unreachable)?;
-        let driver = PubSubDriver::new(subscriber, metrics.clone());
+        // The node id need not be unique; the key on the probe channel must.
+        let me = format!("{node_id}#{}", uuid::Uuid::new_v4().simple());
+        let peers = Arc::new(Peers::new(me));
+        let driver = PubSubDriver::new(subscriber, metrics.clone(), peers.clone(), everyone);
         let health = ClusterHealth::new(metrics.clone());
-        tokio::spawn(health::probe(
-            driver.clone(),
-            health.clone(),
-            node_id.to_string(),
-        ));
 
         tracing::info!(redis = %shown, "cluster mode: connected to Redis");
         Ok(Cluster {
             commands,
             driver,
             health,
+            peers,
+            prober: None,
         })
+    }
+
+    /// Starts the probe, once the adapter listens: from then on the other
+    /// pods count this one in.
+    pub async fn start_probe(&mut self) -> Result<(), DriverError> {
+        let prober =
+            Prober::start(self.driver.clone(), self.health.clone(), self.peers.clone()).await?;
+        self.prober = Some(prober);
+        Ok(())
     }
 
     /// Whether Redis answers a command right now.
@@ -126,8 +152,11 @@ impl Cluster {
         self.commands.ping::<String>(None).await.is_ok()
     }
 
-    /// Closes both connections.
+    /// Says goodbye to the other pods and closes both connections.
     pub async fn close(&self) {
+        if let Some(prober) = &self.prober {
+            prober.goodbye().await;
+        }
         let _ = self.driver.client().quit().await;
         let _ = self.commands.quit().await;
     }
