@@ -175,6 +175,42 @@ pub async fn refuse_while_draining(
     next.run(request).await
 }
 
+/// Largest Engine.IO error body rewritten by [`standard_engineio_errors`].
+const ENGINEIO_ERROR_MAX_BYTES: usize = 256;
+
+/// Engine.IO refusals (`400 {"code":1,"message":"Session ID unknown"}` and
+/// the like) with the numeric `code` of the Engine.IO reference server:
+/// engineioxide writes the code as a string (`"1"`), which load balancer
+/// checks and clients written against the standard do not match.
+pub async fn standard_engineio_errors(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let engineio = request.uri().path().starts_with("/socket.io");
+    let response = next.run(request).await;
+    let json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if !engineio || response.status() != StatusCode::BAD_REQUEST || !json {
+        return response;
+    }
+    let (mut parts, body) = response.into_parts();
+    let Ok(bytes) = axum::body::to_bytes(body, ENGINEIO_ERROR_MAX_BYTES).await else {
+        return (StatusCode::BAD_REQUEST, parts.headers).into_response();
+    };
+    let fixed = serde_json::from_slice::<serde_json::Value>(&bytes)
+        .ok()
+        .and_then(|mut v| {
+            let code: u64 = v.get("code")?.as_str()?.parse().ok()?;
+            v["code"] = code.into();
+            serde_json::to_vec(&v).ok()
+        });
+    let body = fixed.map_or(bytes, Into::into);
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, axum::body::Body::from(body))
+}
+
 async fn readyz(State(app): State<App>) -> Response {
     if app.drain().is_draining() {
         let body = Json(json!({ "status": "draining" }));
@@ -244,5 +280,43 @@ async fn snapshot(
         }
         Err(SnapshotError::Directory(error)) => Err(ApiError::unavailable(error)),
         Err(SnapshotError::Live(error)) => Err(ApiError::shared(error)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use tower::ServiceExt;
+
+    use super::*;
+
+    /// The gateway's answer to a polling request with a made-up sid.
+    async fn unknown_sid(method: &str) -> (StatusCode, serde_json::Value) {
+        let (layer, _io) = socketioxide::SocketIo::new_layer();
+        let app = Router::new()
+            .layer(layer)
+            .layer(axum::middleware::from_fn(standard_engineio_errors));
+        let request = axum::extract::Request::builder()
+            .method(method)
+            .uri("/socket.io/?EIO=4&transport=polling&sid=AAAAAAAAAAAAAAAA")
+            .body(Body::from("4hello"))
+            .unwrap();
+        let response = app.oneshot(request).await.unwrap();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1024).await.unwrap();
+        (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[tokio::test]
+    async fn an_unknown_session_gets_the_standard_engineio_answer() {
+        for method in ["GET", "POST"] {
+            let (status, body) = unknown_sid(method).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{method}");
+            assert_eq!(
+                body,
+                json!({ "code": 1, "message": "Session ID unknown" }),
+                "{method}"
+            );
+        }
     }
 }

@@ -188,14 +188,19 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
 }
 
 /// The HTTP routes behind the Socket.IO layer, behind the drain guard (which
-/// must see Socket.IO handshakes, so it wraps the Socket.IO layer).
+/// must see Socket.IO handshakes, so it wraps the Socket.IO layer) and the
+/// rewrite of Engine.IO errors to their standard form.
 fn with_socket_io<A: socketioxide::adapter::Adapter>(
     app: &App,
     layer: socketioxide::layer::SocketIoLayer<A>,
 ) -> axum::Router {
     let guard =
         axum::middleware::from_fn_with_state(app.clone(), crate::http::refuse_while_draining);
-    crate::http::router(app.clone()).layer(layer).layer(guard)
+    let standard = axum::middleware::from_fn(crate::http::standard_engineio_errors);
+    crate::http::router(app.clone())
+        .layer(layer)
+        .layer(standard)
+        .layer(guard)
 }
 
 /// Refreshes this pod's sessions and presence in Redis every `period` (a
