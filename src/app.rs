@@ -14,7 +14,7 @@ use tracing::field::Empty;
 use crate::auth::Verifier;
 use crate::cluster::health::ClusterHealth;
 use crate::directory::DirectoryError;
-use crate::directory::cache::DirectoryCache;
+use crate::directory::cache::{DirectoryCache, with_retries};
 use crate::drain::Drain;
 use crate::live::{Live, LiveError};
 use crate::metrics::Metrics;
@@ -355,7 +355,8 @@ impl App {
         let Some(room) = self.directory().classroom(classroom).await? else {
             return Err(SnapshotError::NotFound);
         };
-        let help_queue = self.directory().directory().help_queue(classroom).await?;
+        let directory = self.directory().directory();
+        let help_queue = with_retries(self.metrics(), || directory.help_queue(classroom)).await?;
         Ok(Snapshot {
             classroom: room.id,
             seats: self

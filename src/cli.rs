@@ -37,6 +37,7 @@ Environment:
   CELLGATE_JWT_LEEWAY_SECS        clock leeway [30]
   CELLGATE_ALLOW_QUERY_TOKEN      accept ?token= on the handshake [false]
   CELLGATE_DIRECTORY_CACHE_TTL_SECS  directory cache lifetime [30]
+  CELLGATE_DIRECTORY_STALE_SECS   during a database outage, answers this recent still stand [300]
   CELLGATE_DEFAULT_SEATS          seats of a new classroom [200]
   CELLGATE_MAX_BODY_BYTES         largest ingest body [524288]
   CELLGATE_NODE_ID                this pod's name [host name]

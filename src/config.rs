@@ -112,6 +112,9 @@ pub struct Settings {
     pub allow_query_token: bool,
     /// How long a directory lookup is reused, in seconds.
     pub directory_cache_ttl_secs: u64,
+    /// While the database does not answer, lookups it answered this many
+    /// seconds ago or less still stand (0: refuse at once).
+    pub directory_stale_secs: u64,
     /// Seats in a classroom created without `--seats`.
     pub default_seats: u32,
     /// Largest accepted `POST /api/v1/events` body, in bytes.
@@ -152,6 +155,7 @@ impl Default for Settings {
             jwt_leeway_secs: 30,
             allow_query_token: false,
             directory_cache_ttl_secs: 30,
+            directory_stale_secs: 300,
             default_seats: 200,
             max_body_bytes: 512 * 1024,
             redis_url: None,

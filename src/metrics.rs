@@ -106,6 +106,8 @@ pub struct Metrics {
     pub directory_cache_hits: IntCounter,
     /// Directory lookups that went to the database.
     pub directory_cache_misses: IntCounter,
+    /// Lookups answered from the stale cache because the database failed.
+    pub directory_stale_answers: IntCounter,
     /// 1 while this pod hears the cluster's pub/sub (always 1 on a single node).
     pub cluster_healthy: IntGauge,
     /// Cluster messages received but not handed to the adapter.
@@ -271,6 +273,13 @@ impl Metrics {
                 IntCounter::new(
                     "cellgate_directory_cache_misses_total",
                     "Directory lookups that went to the database.",
+                ),
+            ),
+            directory_stale_answers: register(
+                &r,
+                IntCounter::new(
+                    "cellgate_directory_stale_answers_total",
+                    "Lookups answered from the stale cache while the database did not answer.",
                 ),
             ),
             cluster_healthy: register(

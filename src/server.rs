@@ -22,7 +22,7 @@ use crate::cluster::driver::{PubSubDriver, broadcast_channel};
 use crate::cluster::store::RedisLive;
 use crate::config::{Profile, ResolvedSettings, redact_url};
 use crate::directory::Directory;
-use crate::directory::cache::DirectoryCache;
+use crate::directory::cache::{CacheTimes, DirectoryCache};
 use crate::drain::{Drain, DrainableListener};
 use crate::live::Live;
 use crate::metrics::Metrics;
@@ -118,8 +118,11 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     if let Some(jwks) = jwks {
         load_key_set(jwks).await;
     }
-    let ttl = Duration::from_secs(s.directory_cache_ttl_secs);
-    let cache = DirectoryCache::new(directory.clone(), ttl, metrics.clone());
+    let times = CacheTimes {
+        fresh: Duration::from_secs(s.directory_cache_ttl_secs),
+        stale: Duration::from_secs(s.directory_stale_secs),
+    };
+    let cache = DirectoryCache::new(directory.clone(), times, metrics.clone());
     let config = AppConfig {
         node_id: settings.node_id.clone(),
         max_body_bytes: s.max_body_bytes,

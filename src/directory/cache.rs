@@ -4,10 +4,15 @@
 //!
 //! Concurrent lookups of the same key wait for one query (moka's
 //! `try_get_with` coalesces them).
+//!
+//! Every answer is also kept for a longer *stale window*: while the
+//! database does not answer, a lookup it already answered is served from
+//! there, so instructors who were recently in keep connecting through an
+//! outage; everyone else gets the error.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use moka::future::Cache;
 use tracing::Instrument;
@@ -16,7 +21,11 @@ use tracing::field::Empty;
 use super::{Classroom, Directory, DirectoryError, Instructor, normalize_email};
 use crate::metrics::Metrics;
 
-/// Pauses between attempts; about one second in all.
+/// The longest a lookup may spend on a failing database, attempts and
+/// pauses together.
+const RETRY_BUDGET: Duration = Duration::from_millis(1200);
+
+/// Pauses between attempts.
 const RETRY_DELAYS: [Duration; 4] = [
     Duration::from_millis(100),
     Duration::from_millis(200),
@@ -31,18 +40,61 @@ const MAX_ENTRIES: u64 = 100_000;
 #[derive(Clone)]
 pub struct DirectoryCache {
     directory: Directory,
-    instructors: Cache<String, Option<Instructor>>,
-    classrooms: Cache<String, Option<Classroom>>,
+    instructors: Layers<Option<Instructor>>,
+    classrooms: Layers<Option<Classroom>>,
+    /// When a query last failed for a transient reason; cleared by a success.
+    failed_at: Arc<Mutex<Option<Instant>>>,
     metrics: Metrics,
 }
 
+/// After a transient failure, lookups with a stale answer use it at once
+/// for this long instead of paying the retry budget again: one dashboard's
+/// join makes several lookups, and each would wait.
+const SKIP_QUERIES_AFTER_FAILURE: Duration = Duration::from_secs(2);
+
+/// How long answers are reused, and how long they may stand in for a
+/// database that does not answer.
+#[derive(Clone, Copy, Debug)]
+pub struct CacheTimes {
+    /// A lookup younger than this is answered without a query.
+    pub fresh: Duration,
+    /// A lookup younger than this answers while the database is down
+    /// (zero: never).
+    pub stale: Duration,
+}
+
+/// The fresh answers and the stale ones of one kind of lookup.
+#[derive(Clone)]
+struct Layers<V: Clone + Send + Sync + 'static> {
+    fresh: Cache<String, V>,
+    stale: Option<Cache<String, V>>,
+}
+
+impl<V: Clone + Send + Sync + 'static> Layers<V> {
+    fn new(times: CacheTimes) -> Self {
+        let stale = (!times.stale.is_zero()).then(|| new_cache(times.fresh + times.stale));
+        Layers {
+            fresh: new_cache(times.fresh),
+            stale,
+        }
+    }
+
+    fn invalidate_all(&self) {
+        self.fresh.invalidate_all();
+        if let Some(stale) = &self.stale {
+            stale.invalidate_all();
+        }
+    }
+}
+
 impl DirectoryCache {
-    /// Wraps `directory`; entries live for `ttl`.
-    pub fn new(directory: Directory, ttl: Duration, metrics: Metrics) -> Self {
+    /// Wraps `directory` with caches of `times`.
+    pub fn new(directory: Directory, times: CacheTimes, metrics: Metrics) -> Self {
         DirectoryCache {
             directory,
-            instructors: new_cache(ttl),
-            classrooms: new_cache(ttl),
+            instructors: Layers::new(times),
+            classrooms: Layers::new(times),
+            failed_at: Arc::new(Mutex::new(None)),
             metrics,
         }
     }
@@ -85,7 +137,7 @@ impl DirectoryCache {
 
     async fn lookup<V, F>(
         &self,
-        cache: &Cache<String, V>,
+        layers: &Layers<V>,
         key: String,
         query: F,
     ) -> Result<V, Arc<DirectoryError>>
@@ -94,14 +146,58 @@ impl DirectoryCache {
         F: Future<Output = Result<V, DirectoryError>>,
     {
         let span = tracing::Span::current();
-        if let Some(hit) = cache.get(&key).await {
+        if let Some(hit) = layers.fresh.get(&key).await {
             self.metrics.directory_cache_hits.inc();
             span.record("cache", "hit");
             return Ok(hit);
         }
         self.metrics.directory_cache_misses.inc();
         span.record("cache", "miss");
-        cache.try_get_with(key, query).await
+        let Some(stale) = &layers.stale else {
+            return layers.fresh.try_get_with(key, query).await;
+        };
+        if self.failed_recently()
+            && let Some(value) = stale.get(&key).await
+        {
+            return Ok(self.stale_answer(&span, value));
+        }
+        let remembered = async {
+            let value = query.await?;
+            stale.insert(key.clone(), value.clone()).await;
+            Ok::<V, DirectoryError>(value)
+        };
+        let result = layers.fresh.try_get_with(key.clone(), remembered).await;
+        self.note(&result);
+        match result {
+            Err(error) if error.is_transient() => match stale.get(&key).await {
+                Some(value) => {
+                    tracing::debug!(%error, "directory down; answering from the stale cache");
+                    Ok(self.stale_answer(&span, value))
+                }
+                None => Err(error),
+            },
+            result => result,
+        }
+    }
+
+    fn stale_answer<V>(&self, span: &tracing::Span, value: V) -> V {
+        self.metrics.directory_stale_answers.inc();
+        span.record("cache", "stale");
+        value
+    }
+
+    fn failed_recently(&self) -> bool {
+        let failed_at = self.failed_at.lock().expect("never poisoned");
+        failed_at.is_some_and(|at| at.elapsed() < SKIP_QUERIES_AFTER_FAILURE)
+    }
+
+    fn note<V>(&self, result: &Result<V, Arc<DirectoryError>>) {
+        let mut failed_at = self.failed_at.lock().expect("never poisoned");
+        match result {
+            Ok(_) => *failed_at = None,
+            Err(error) if error.is_transient() => *failed_at = Some(Instant::now()),
+            Err(_) => {}
+        }
     }
 }
 
@@ -118,32 +214,37 @@ fn new_cache<V: Clone + Send + Sync + 'static>(ttl: Duration) -> Cache<String, V
 }
 
 /// Runs `attempt` until it succeeds, fails for good, or the retry budget
-/// (about one second) is spent.
+/// ([`RETRY_BUDGET`]) is spent. An attempt is cut off when the budget runs
+/// out: the pool alone would wait its whole acquire timeout for a server
+/// that refuses connections.
 pub async fn with_retries<V, F, Fut>(metrics: &Metrics, mut attempt: F) -> Result<V, DirectoryError>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = Result<V, DirectoryError>>,
 {
+    let deadline = tokio::time::Instant::now() + RETRY_BUDGET;
     let mut delays = RETRY_DELAYS.iter();
     let mut try_number = 0u32;
     loop {
         try_number += 1;
         let timer = metrics.directory_query_duration.start_timer();
         let span = tracing::info_span!("directory.query", attempt = try_number);
-        let result = attempt().instrument(span).await;
+        let result = tokio::time::timeout_at(deadline, attempt().instrument(span))
+            .await
+            .unwrap_or(Err(DirectoryError::Database(sqlx::Error::PoolTimedOut)));
         timer.observe_duration();
-        match result {
+        let error = match result {
             Ok(v) => return Ok(v),
-            Err(e) => {
-                metrics.directory_errors.inc();
-                match delays.next() {
-                    Some(delay) if e.is_transient() => {
-                        tracing::debug!(error = %e, "directory query failed; retrying");
-                        tokio::time::sleep(*delay).await;
-                    }
-                    _ => return Err(e),
-                }
+            Err(e) => e,
+        };
+        metrics.directory_errors.inc();
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match delays.next() {
+            Some(delay) if error.is_transient() && left > *delay => {
+                tracing::debug!(%error, "directory query failed; retrying");
+                tokio::time::sleep(*delay).await;
             }
+            _ => return Err(error),
         }
     }
 }

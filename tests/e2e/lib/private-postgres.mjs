@@ -1,0 +1,79 @@
+// A PostgreSQL server of the test's own, on a free port and in a temporary
+// directory, so that a test may stop and restart it without touching the
+// machine's shared service.
+//
+//   const pg = await startPrivatePostgres();
+//   ... pg.url ... await pg.stop(); await pg.start(); ...
+//   await pg.destroy();
+//
+// Runs Debian's binaries (/usr/lib/postgresql/<version>/bin). initdb and
+// the server refuse to run as root, so as root they run as the `postgres`
+// user, which owns the data directory.
+
+import { execFile } from 'node:child_process';
+import { existsSync, readdirSync } from 'node:fs';
+import { chown, mkdtemp, rm } from 'node:fs/promises';
+import os from 'node:os';
+import path from 'node:path';
+import { freePort } from './gateway.mjs';
+
+function binDir() {
+  const root = '/usr/lib/postgresql';
+  if (!existsSync(root)) throw new Error('PostgreSQL server binaries not found under /usr/lib/postgresql');
+  const versions = readdirSync(root).filter((v) => existsSync(path.join(root, v, 'bin/initdb')));
+  if (versions.length === 0) throw new Error('no initdb under /usr/lib/postgresql/*/bin');
+  versions.sort((a, b) => Number(b) - Number(a));
+  return path.join(root, versions[0], 'bin');
+}
+
+function run(file, args, { asPostgres, timeout = 60_000 } = {}) {
+  const [cmd, argv] = asPostgres ? ['runuser', ['-u', 'postgres', '--', file, ...args]] : [file, args];
+  return new Promise((resolve, reject) => {
+    execFile(cmd, argv, { timeout }, (error, stdout, stderr) => {
+      if (error) reject(new Error(`${path.basename(file)} ${args.join(' ')} failed: ${stderr || error.message}`));
+      else resolve(String(stdout));
+    });
+  });
+}
+
+export async function startPrivatePostgres() {
+  const bin = binDir();
+  const asPostgres = process.getuid?.() === 0;
+  const dir = await mkdtemp(path.join(os.tmpdir(), 'cellgate-pg-'));
+  if (asPostgres) {
+    const { execFileSync } = await import('node:child_process');
+    const uid = Number(execFileSync('id', ['-u', 'postgres']).toString().trim());
+    const gid = Number(execFileSync('id', ['-g', 'postgres']).toString().trim());
+    await chown(dir, uid, gid);
+  }
+  const data = path.join(dir, 'data');
+  const port = await freePort();
+  await run(path.join(bin, 'initdb'), ['-D', data, '-A', 'trust', '-U', 'postgres', '--no-sync', '-E', 'UTF8'],
+    { asPostgres });
+
+  const options = `-p ${port} -k ${dir} -c listen_addresses=127.0.0.1 -c fsync=off`;
+  const pg = {
+    port,
+    dir,
+    url: `postgres://postgres@127.0.0.1:${port}/cellgate`,
+    running: false,
+    async start() {
+      await run(path.join(bin, 'pg_ctl'), ['-D', data, '-o', options, '-l', path.join(dir, 'log'), '-w', 'start'],
+        { asPostgres });
+      pg.running = true;
+    },
+    /** Stops at once, as a crash or a failover would: open connections break. */
+    async stop() {
+      await run(path.join(bin, 'pg_ctl'), ['-D', data, '-m', 'immediate', '-w', 'stop'], { asPostgres });
+      pg.running = false;
+    },
+    async destroy() {
+      if (pg.running) await pg.stop().catch(() => {});
+      await rm(dir, { recursive: true, force: true });
+    },
+  };
+  await pg.start();
+  await run(path.join(bin, 'psql'), ['-h', '127.0.0.1', '-p', String(port), '-U', 'postgres', '-d', 'postgres',
+    '-X', '-q', '-c', 'CREATE DATABASE cellgate']);
+  return pg;
+}
