@@ -211,6 +211,9 @@ test('a Redis outage: no 202 that the other pod did not deliver, not ready meanw
     })))}`);
     console.log(`# metrics before ${JSON.stringify(before0)} after ${JSON.stringify(after0)}`);
     assert.deepEqual(after0.map((m) => m.healthy), [1, 1], 'healthy again');
+    // With Redis gone the pods refuse posts before broadcasting (counted as
+    // rejections); cellgate_cluster_publish_errors_total counts broadcasts
+    // Redis did not take, which the test below provokes.
     for (const [i, m] of after0.entries()) {
       assert.ok(m.rejectedCluster + m.rejectedShared > before0[i].rejectedCluster + before0[i].rejectedShared,
         `pod ${i}: the refused posts are counted`);
@@ -226,8 +229,10 @@ test('a pod cut off from Redis alone: the other pod acknowledges nothing the cut
     const onB = await dashboard(podB.url, tokens[1], { classroom, transports: ['websocket'], tracker: c.sockets }).ready;
     const toB = student(podB.url, c.student('s-0003', classroom, 3), 3, classroom, 20);
     const ready = readinessWatch(c.pods);
+    const before0 = await Promise.all(c.pods.map(clusterMetrics));
     let cut;
     let back;
+    let during0;
     try {
       await sleep(1500);
       // Pod A alone loses Redis: its connections are closed and it may not
@@ -236,6 +241,7 @@ test('a pod cut off from Redis alone: the other pod acknowledges nothing the cut
       await redisCli(redis.url, 'ACL', 'SETUSER', POD_A_USER, 'off');
       await redisCli(redis.url, 'CLIENT', 'KILL', 'USER', POD_A_USER);
       await sleep(CUT_MS);
+      during0 = await Promise.all(c.pods.map(clusterMetrics));
       await redisCli(redis.url, 'ACL', 'SETUSER', POD_A_USER, 'on');
       back = Date.now();
       await sleep(RESUME_BOUND_MS + 1000);
@@ -259,4 +265,15 @@ test('a pod cut off from Redis alone: the other pod acknowledges nothing the cut
     assert.ok(first && first.answeredAt - back <= RESUME_BOUND_MS,
       `posts to B accepted again ${first && first.answeredAt - back} ms after A was let back in`);
     console.log(`# cut-off pod: B accepted again ${first.answeredAt - back} ms after A was let back in`);
+
+    // The metrics: A said it could not hear; B counted every broadcast A
+    // missed as a publish error; nothing that arrived was dropped.
+    const after0 = await Promise.all(c.pods.map(clusterMetrics));
+    assert.deepEqual(during0.map((m) => m.healthy), [0, 1], 'cellgate_cluster_healthy during the cut (A, B)');
+    assert.deepEqual(after0.map((m) => m.healthy), [1, 1], 'cellgate_cluster_healthy after');
+    const refusedByB = toB.attempts.filter((a) => a.status === 503).length;
+    assert.ok(after0[1].publishErrors - before0[1].publishErrors >= refusedByB,
+      `B's cellgate_cluster_publish_errors_total rose by ${after0[1].publishErrors - before0[1].publishErrors} ` +
+      `for ${refusedByB} refused posts`);
+    assert.deepEqual(after0.map((m) => m.dropped), [0, 0], 'cellgate_cluster_messages_dropped_total');
   });

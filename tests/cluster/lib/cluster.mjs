@@ -223,6 +223,10 @@ export function dashboard(url, token, { classroom, rejoin = false, tracker, ...o
   const d = { socket, rec, joins: [], accepted: [], errors: [], disconnects: [] };
   socket.on('connect_error', (err) => d.errors.push({ at: Date.now(), message: err.message }));
   socket.on('disconnect', (reason) => d.disconnects.push({ at: Date.now(), reason }));
+  // Failed reconnection attempts are told to the manager, not the socket.
+  d.reconnectErrors = [];
+  socket.io.on('reconnect_error', (err) => d.reconnectErrors.push({ at: Date.now(), message: err.message,
+    description: err.description?.message ?? err.description }));
   socket.on('connection_accepted', async (accepted) => {
     d.accepted.push({ at: Date.now(), ...accepted });
     if (!classroom) return;
