@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Runs every test: formatting and lints, Rust unit and integration tests
 # (real PostgreSQL and SQLite, a real OTLP receiver), the end-to-end suite
-# with the real socket.io-client against the built gateway, the
-# observability suite (promtool, a real Prometheus) and the Helm chart suite
+# with the real socket.io-client against the built gateway, the cluster
+# suite (several pods, Redis faults, nginx, drain), the observability suite (promtool, a real Prometheus) and the Helm chart suite
 # (the real Helm engine, Kubernetes schemas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,6 +20,9 @@ cargo nextest run --locked --no-fail-fast
 
 echo "== end-to-end tests (socket.io-client)"
 (cd tests/e2e && npm ci --no-audit --no-fund --loglevel=error && node --test)
+
+echo "== cluster (several pods, Redis faults, nginx affinity, drain)"
+tests/cluster/run.sh
 
 echo "== observability (promtool, real Prometheus)"
 tests/observability/run.sh
