@@ -2,8 +2,9 @@
 # Runs every test: formatting and lints, Rust unit and integration tests
 # (real PostgreSQL and SQLite, a real OTLP receiver), the end-to-end suite
 # with the real socket.io-client against the built gateway, the cluster
-# suite (several pods, Redis faults, nginx, drain), the observability suite (promtool, a real Prometheus) and the Helm chart suite
-# (the real Helm engine, Kubernetes schemas).
+# suite (several pods, Redis faults, nginx, drain), the observability suite
+# (promtool, a real Prometheus) and the Helm chart suite (the real Helm
+# engine, Kubernetes schemas).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
