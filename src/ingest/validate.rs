@@ -425,4 +425,140 @@ mod tests {
             Err(Invalid::Fields(_))
         ));
     }
+
+    /// Properties over arbitrary and almost-valid bodies: no panic, and
+    /// every refusal names what is wrong.
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value, json};
+
+        use super::super::*;
+        use super::claims;
+
+        /// Names a notebook extension uses, and some it does not.
+        const FIELDS: [&str; 16] = [
+            "id", "type", "classroom", "seat", "student", "notebook", "cell_id",
+            "execution_count", "status", "error", "duration_ms", "occurred_at", "message",
+            "request_id", "ename", "extra",
+        ];
+
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                (-1e12f64..1e12).prop_map(Value::from),
+                "\\PC{0,12}".prop_map(Value::from),
+                prop::sample::select(&["cell_executed", "help_requested", "ok", "error", "cls-101", "s-0042"][..])
+                    .prop_map(Value::from),
+            ];
+            leaf.prop_recursive(3, 48, 8, |inner| {
+                let key = prop_oneof![prop::sample::select(&FIELDS[..]).prop_map(String::from), "\\PC{0,8}"];
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                    prop::collection::btree_map(key, inner, 0..8)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A valid event of each type for the token of `claims(None)`.
+        fn valid_events() -> Vec<Value> {
+            vec![
+                json!({ "id": "e1", "type": "cell_executed", "classroom": "cls-101", "seat": 42,
+                        "student": "s-0042", "notebook": "week1/lab.ipynb", "cell_id": "c1",
+                        "execution_count": 3, "status": "error", "duration_ms": 12,
+                        "error": { "ename": "NameError", "evalue": "x" },
+                        "occurred_at": "2026-12-03T10:00:00.123Z" }),
+                json!({ "id": "h1", "type": "help_requested", "classroom": "cls-101", "seat": 7,
+                        "student": "s-0042", "message": "stuck on 3b" }),
+                json!({ "id": "x1", "type": "help_cancelled", "classroom": "cls-101", "seat": 7,
+                        "student": "s-0042", "request_id": "r-1" }),
+            ]
+        }
+
+        /// Fields whose change may make the token's owner the wrong one.
+        const OWNERSHIP: [&str; 3] = ["classroom", "student", "seat"];
+
+        fn names_only(errors: &[FieldError], field: &str) -> bool {
+            errors.iter().all(|e| {
+                e.field == field || e.field.starts_with(&format!("{field}."))
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            #[test]
+            fn any_body_is_answered_without_a_panic(body in any_json()) {
+                let batch = match &body { Value::Array(items) => items.len().max(1), _ => 1 };
+                match validate(body, &claims(None), 200) {
+                    Ok(events) => {
+                        for e in events {
+                            prop_assert!((1..=200).contains(&e.seat));
+                            prop_assert_eq!(&e.body["classroom"], "cls-101");
+                            prop_assert_eq!(&e.body["student"], "s-0042");
+                            prop_assert!(!e.id.is_empty());
+                        }
+                    }
+                    Err(Invalid::Fields(errors)) => {
+                        prop_assert!(!errors.is_empty());
+                        for e in &errors {
+                            prop_assert!(!e.message.is_empty());
+                            prop_assert!(e.index < batch, "index {} of {}", e.index, batch);
+                        }
+                    }
+                    Err(Invalid::Forbidden(detail)) => prop_assert!(!detail.is_empty()),
+                }
+            }
+
+            #[test]
+            fn a_changed_field_is_the_one_reported(
+                which in 0usize..3,
+                field in prop::sample::select(&FIELDS[..]),
+                value in prop::option::of(any_json()),
+            ) {
+                let mut event = valid_events()[which].clone();
+                let object = event.as_object_mut().unwrap();
+                match value {
+                    Some(v) => { object.insert(field.to_string(), v); }
+                    None => { object.remove(field); }
+                }
+                match validate(event, &claims(None), 200) {
+                    Ok(_) => {}
+                    Err(Invalid::Forbidden(_)) => prop_assert!(OWNERSHIP.contains(&field)),
+                    // Another type asks for other fields; any field may be named.
+                    Err(Invalid::Fields(errors)) if field == "type" => {
+                        prop_assert!(!errors.is_empty());
+                    }
+                    Err(Invalid::Fields(errors)) => {
+                        prop_assert!(names_only(&errors, field), "{field}: {errors:?}");
+                    }
+                }
+            }
+
+            #[test]
+            fn in_a_batch_only_the_broken_item_is_named(
+                len in 1usize..20,
+                broken in 0usize..20,
+                field in prop::sample::select(&["id", "type", "seat", "occurred_at", "status"][..]),
+                value in any_json(),
+            ) {
+                let broken = broken % len;
+                let mut items: Vec<Value> = (0..len)
+                    .map(|i| {
+                        let mut e = valid_events()[i % 3].clone();
+                        e["id"] = json!(format!("e{i}"));
+                        e
+                    })
+                    .collect();
+                let object: &mut Map<String, Value> = items[broken].as_object_mut().unwrap();
+                object.insert(field.to_string(), value);
+                if let Err(Invalid::Fields(errors)) = validate(Value::Array(items), &claims(None), 200) {
+                    prop_assert!(errors.iter().all(|e| e.index == broken), "{errors:?}");
+                }
+            }
+        }
+    }
 }
