@@ -28,8 +28,17 @@ fn any_json() -> impl Strategy<Value = Value> {
         let key = prop_oneof![
             prop::sample::select(
                 &[
-                    "id", "type", "classroom", "seat", "student", "status", "error", "message",
-                    "token", "request_id", "__proto__",
+                    "id",
+                    "type",
+                    "classroom",
+                    "seat",
+                    "student",
+                    "status",
+                    "error",
+                    "message",
+                    "token",
+                    "request_id",
+                    "__proto__",
                 ][..]
             )
             .prop_map(String::from),
@@ -96,10 +105,7 @@ fn arbitrary_ingest_bodies_get_a_4xx_with_field_errors_or_a_202() {
                 .expect("the gateway answers");
             (answer.status().as_u16(), answer.text().await.unwrap())
         });
-        prop_assert!(
-            [202, 400, 403].contains(&status),
-            "status {status}: {text}"
-        );
+        prop_assert!([202, 400, 403].contains(&status), "status {status}: {text}");
         if status == 400 {
             let errors: Value = serde_json::from_str(&text).expect("a JSON answer");
             let errors = errors["errors"].as_array().expect("errors[]").clone();
@@ -121,7 +127,10 @@ fn arbitrary_ingest_bodies_get_a_4xx_with_field_errors_or_a_202() {
 fn arbitrary_dashboard_payloads_get_an_acknowledgement_and_the_socket_stays() {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let gw = rt.block_on(seeded_gateway());
-    let instructor = token(&gw, json!({ "sub": "ada@example.edu", "role": "instructor" }));
+    let instructor = token(
+        &gw,
+        json!({ "sub": "ada@example.edu", "role": "instructor" }),
+    );
     let socket = RefCell::new(rt.block_on(async {
         let mut socket = gw.socket().await;
         assert_eq!(socket.connect(&instructor).await, Handshake::Accepted);

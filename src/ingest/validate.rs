@@ -437,9 +437,22 @@ mod tests {
 
         /// Names a notebook extension uses, and some it does not.
         const FIELDS: [&str; 16] = [
-            "id", "type", "classroom", "seat", "student", "notebook", "cell_id",
-            "execution_count", "status", "error", "duration_ms", "occurred_at", "message",
-            "request_id", "ename", "extra",
+            "id",
+            "type",
+            "classroom",
+            "seat",
+            "student",
+            "notebook",
+            "cell_id",
+            "execution_count",
+            "status",
+            "error",
+            "duration_ms",
+            "occurred_at",
+            "message",
+            "request_id",
+            "ename",
+            "extra",
         ];
 
         fn any_json() -> impl Strategy<Value = Value> {
@@ -450,11 +463,23 @@ mod tests {
                 any::<u64>().prop_map(Value::from),
                 (-1e12f64..1e12).prop_map(Value::from),
                 "\\PC{0,12}".prop_map(Value::from),
-                prop::sample::select(&["cell_executed", "help_requested", "ok", "error", "cls-101", "s-0042"][..])
-                    .prop_map(Value::from),
+                prop::sample::select(
+                    &[
+                        "cell_executed",
+                        "help_requested",
+                        "ok",
+                        "error",
+                        "cls-101",
+                        "s-0042"
+                    ][..]
+                )
+                .prop_map(Value::from),
             ];
             leaf.prop_recursive(3, 48, 8, |inner| {
-                let key = prop_oneof![prop::sample::select(&FIELDS[..]).prop_map(String::from), "\\PC{0,8}"];
+                let key = prop_oneof![
+                    prop::sample::select(&FIELDS[..]).prop_map(String::from),
+                    "\\PC{0,8}"
+                ];
                 prop_oneof![
                     prop::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
                     prop::collection::btree_map(key, inner, 0..8)
@@ -482,9 +507,9 @@ mod tests {
         const OWNERSHIP: [&str; 3] = ["classroom", "student", "seat"];
 
         fn names_only(errors: &[FieldError], field: &str) -> bool {
-            errors.iter().all(|e| {
-                e.field == field || e.field.starts_with(&format!("{field}."))
-            })
+            errors
+                .iter()
+                .all(|e| e.field == field || e.field.starts_with(&format!("{field}.")))
         }
 
         proptest! {
