@@ -13,7 +13,6 @@ use serde_json::json;
 use crate::app::{App, SnapshotError};
 use crate::auth::{Refusal, Role, bearer};
 use crate::directory::DirectoryError;
-use crate::drain::ConnectionId;
 use crate::ingest::validate::FieldError;
 use crate::live::LiveError;
 
@@ -153,22 +152,13 @@ async fn healthz() -> Json<serde_json::Value> {
 
 /// While draining, new Socket.IO sessions are refused with 503 so that the
 /// load balancer sends them to another pod; requests of existing sessions
-/// (with a `sid`) and the HTTP API go on. Every Socket.IO request marks its
-/// connection as one the drain closes.
+/// (with a `sid`) and the HTTP API go on.
 pub async fn refuse_while_draining(
     State(app): State<App>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let socket_io = request.uri().path().starts_with("/socket.io");
-    let connection = request
-        .extensions()
-        .get::<axum::extract::ConnectInfo<ConnectionId>>();
-    if let (true, Some(connection)) = (socket_io, connection) {
-        // A drain closes this connection; plain HTTP ones finish.
-        app.drain().realtime(connection.0);
-    }
-    let handshake = socket_io
+    let handshake = request.uri().path().starts_with("/socket.io")
         && !request
             .uri()
             .query()
