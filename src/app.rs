@@ -22,6 +22,34 @@ use crate::model::{InstructorRef, Snapshot, classroom_room};
 
 type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// Why a broadcast did not reach every dashboard.
+#[derive(Debug)]
+pub enum EmitError {
+    /// Some of this node's dashboards missed it (closing, or their queue is
+    /// full); the cluster and every other dashboard got it.
+    LocalSockets(String),
+    /// The cluster did not take it, and the adapter did not emit it here
+    /// either.
+    Cluster(String),
+}
+
+impl From<socketioxide::BroadcastError> for EmitError {
+    fn from(error: socketioxide::BroadcastError) -> Self {
+        match error {
+            socketioxide::BroadcastError::Socket(_) => EmitError::LocalSockets(error.to_string()),
+            _ => EmitError::Cluster(error.to_string()),
+        }
+    }
+}
+
+impl std::fmt::Display for EmitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            EmitError::LocalSockets(error) | EmitError::Cluster(error) => f.write_str(error),
+        }
+    }
+}
+
 /// Sends an event to every dashboard in a room.
 pub trait Broadcaster: Send + Sync + 'static {
     /// Emits `event` with `payload` to `room` on every node.
@@ -30,7 +58,7 @@ pub trait Broadcaster: Send + Sync + 'static {
         room: String,
         event: &'static str,
         payload: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), EmitError>>;
 
     /// Emits only to this node's dashboards (when the cluster is away).
     fn emit_local<'a>(
@@ -53,13 +81,8 @@ impl<A: Adapter> Broadcaster for SocketIo<A> {
         room: String,
         event: &'static str,
         payload: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            self.to(room)
-                .emit(event, payload)
-                .await
-                .map_err(|e| e.to_string())
-        })
+    ) -> BoxFuture<'a, Result<(), EmitError>> {
+        Box::pin(async move { Ok(self.to(room).emit(event, payload).await?) })
     }
 
     fn emit_local<'a>(
@@ -292,13 +315,18 @@ impl App {
         let fanout = broadcaster.local_audience(&room);
         self.inner.metrics.broadcast_fanout.observe(fanout as f64);
         tracing::Span::current().record("fanout_sockets", fanout as u64);
-        let Err(error) = broadcaster.emit(room.clone(), event, payload).await else {
-            return Ok(());
+        let error = match broadcaster.emit(room.clone(), event, payload).await {
+            Ok(()) => return Ok(()),
+            // A dashboard that is closing (a drain) or too slow; the cluster
+            // and the others got the event.
+            Err(EmitError::LocalSockets(error)) => {
+                tracing::debug!(classroom, event, %error, "a dashboard missed a broadcast");
+                return Ok(());
+            }
+            Err(EmitError::Cluster(error)) => error,
         };
         if !self.clustered() {
-            // A single node only fails on a dashboard's full queue; the
-            // others got the event.
-            tracing::debug!(classroom, event, %error, "a dashboard missed a broadcast");
+            tracing::debug!(classroom, event, %error, "a broadcast failed on a single node");
             return Ok(());
         }
         tracing::warn!(classroom, event, %error, "broadcast not forwarded to the cluster; local only");
@@ -366,5 +394,31 @@ impl App {
             help_queue,
             instructors: self.live().present(classroom).await?,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use socketioxide::{AdapterError, BroadcastError, SocketError};
+
+    use super::EmitError;
+
+    /// Regression: a dashboard closing during a drain made the adapter's
+    /// broadcast fail, and ingest answered 503 for an event the cluster had
+    /// taken (and sent it a second time to this pod's dashboards).
+    #[test]
+    fn a_closed_dashboard_is_not_a_cluster_failure() {
+        let closed = BroadcastError::Socket(vec![SocketError::Closed]);
+        assert!(matches!(
+            EmitError::from(closed),
+            EmitError::LocalSockets(_)
+        ));
+        let full = BroadcastError::Socket(vec![SocketError::InternalChannelFull]);
+        assert!(matches!(EmitError::from(full), EmitError::LocalSockets(_)));
+
+        let redis = AdapterError(Box::new(std::io::Error::other("redis did not answer")));
+        let error = EmitError::from(BroadcastError::Adapter(redis));
+        assert!(matches!(error, EmitError::Cluster(_)));
+        assert_eq!(error.to_string(), "Adapter error: redis did not answer");
     }
 }

@@ -7,6 +7,13 @@
 //! window. A killed connection reads as closed, the WebSocket ends, and
 //! socket.io-client sees "transport close" and reconnects by itself,
 //! through the load balancer, to a pod that is still ready.
+//!
+//! Only connections that carried Socket.IO traffic are killed
+//! ([`Drain::realtime`], told by the HTTP layer through [`Connection`]):
+//! cutting a connection in the middle of `POST /api/v1/events` would lose
+//! the answer (a load balancer turns it into a 502). Plain HTTP
+//! connections finish their requests and are closed by the server's
+//! graceful shutdown after the window.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -28,7 +35,39 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 pub struct Drain {
     draining: AtomicBool,
     next_id: AtomicU64,
-    connections: Mutex<HashMap<u64, CancellationToken>>,
+    connections: Mutex<HashMap<u64, Tracked>>,
+}
+
+/// An open connection's kill switch, and whether a drain fires it.
+struct Tracked {
+    kill: CancellationToken,
+    /// It carried Socket.IO traffic.
+    realtime: bool,
+}
+
+/// Which accepted connection a request arrived on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionId(u64);
+
+/// What a request on the app listener knows of its connection: axum's
+/// `ConnectInfo<Connection>`.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    /// The connection, for [`Drain::realtime`].
+    pub id: ConnectionId,
+    /// The peer's address.
+    pub remote: SocketAddr,
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, DrainableListener>>
+    for Connection
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, DrainableListener>) -> Self {
+        Connection {
+            id: ConnectionId(stream.io().id),
+            remote: *stream.remote_addr(),
+        }
+    }
 }
 
 impl Drain {
@@ -42,21 +81,35 @@ impl Drain {
         self.draining.load(Ordering::Relaxed)
     }
 
-    /// Starts draining: every open connection is closed at a random moment
-    /// within `window`. Returns how many connections were scheduled.
+    /// Starts draining: every open Socket.IO connection is closed at a
+    /// random moment within `window`. Returns how many were scheduled.
     pub fn start(&self, window: Duration) -> usize {
         self.draining.store(true, Ordering::Relaxed);
-        let tokens: Vec<_> = self
+        let kills: Vec<_> = self
             .connections
             .lock()
             .expect("drain lock")
             .values()
-            .cloned()
+            .filter(|c| c.realtime)
+            .map(|c| c.kill.clone())
             .collect();
-        for token in &tokens {
-            schedule_close(token.clone(), window);
+        for kill in &kills {
+            schedule_close(kill.clone(), window);
         }
-        tokens.len()
+        kills.len()
+    }
+
+    /// A Socket.IO request arrived on connection `id`: a drain closes it.
+    /// During a drain (a poll of an existing session), within a second.
+    pub fn realtime(&self, id: ConnectionId) {
+        let mut connections = self.connections.lock().expect("drain lock");
+        let Some(tracked) = connections.get_mut(&id.0) else {
+            return;
+        };
+        let newly = !std::mem::replace(&mut tracked.realtime, true);
+        if newly && self.is_draining() {
+            schedule_close(tracked.kill.clone(), Duration::from_secs(1));
+        }
     }
 
     /// Connections still open.
@@ -67,15 +120,14 @@ impl Drain {
     fn track(self: &Arc<Self>, stream: TcpStream) -> DrainableStream {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();
+        let tracked = Tracked {
+            kill: token.clone(),
+            realtime: false,
+        };
         self.connections
             .lock()
             .expect("drain lock")
-            .insert(id, token.clone());
-        if self.is_draining() {
-            // Accepted during the drain (a poll of an existing session):
-            // served briefly, then closed like the others.
-            schedule_close(token.clone(), Duration::from_secs(1));
-        }
+            .insert(id, tracked);
         DrainableStream {
             inner: stream,
             killed: Box::pin(token.cancelled_owned()),
@@ -148,6 +200,11 @@ pub struct DrainableStream {
 }
 
 impl DrainableStream {
+    /// The connection's id, as requests on it see it.
+    pub fn id(&self) -> ConnectionId {
+        ConnectionId(self.id)
+    }
+
     fn check(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.dead && self.killed.as_mut().poll(cx).is_ready() {
             self.dead = true;
@@ -206,22 +263,36 @@ mod tests {
 
     use super::*;
 
-    #[tokio::test]
-    async fn a_drain_closes_open_connections_within_the_window() {
-        let drain = Drain::new();
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut listener = DrainableListener::new(listener, drain.clone());
-
+    /// A connection accepted by `listener`, with a client that said "hi".
+    async fn connection(
+        listener: &mut DrainableListener,
+        addr: SocketAddr,
+    ) -> (TcpStream, DrainableStream) {
         let mut client = TcpStream::connect(addr).await.unwrap();
-        let (mut server, _) = axum::serve::Listener::accept(&mut listener).await;
+        let (mut server, _) = axum::serve::Listener::accept(listener).await;
         client.write_all(b"hi").await.unwrap();
         let mut buf = [0u8; 2];
         server.read_exact(&mut buf).await.unwrap();
+        (client, server)
+    }
+
+    async fn listener(drain: &Arc<Drain>) -> (DrainableListener, SocketAddr) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        (DrainableListener::new(listener, drain.clone()), addr)
+    }
+
+    #[tokio::test]
+    async fn a_drain_closes_socket_io_connections_within_the_window() {
+        let drain = Drain::new();
+        let (mut listener, addr) = listener(&drain).await;
+        let (_client, mut server) = connection(&mut listener, addr).await;
+        drain.realtime(server.id());
         assert_eq!(drain.open_connections(), 1);
 
         assert_eq!(drain.start(Duration::from_millis(200)), 1);
         assert!(drain.is_draining());
+        let mut buf = [0u8; 2];
         let read = tokio::time::timeout(Duration::from_secs(2), server.read(&mut buf)).await;
         assert_eq!(
             read.unwrap().unwrap(),
@@ -230,5 +301,36 @@ mod tests {
         );
         drop(server);
         assert_eq!(drain.open_connections(), 0);
+    }
+
+    /// Regression: the drain cut connections in the middle of an ingest
+    /// request, which nginx answered with a 502 (drain.test.mjs).
+    #[tokio::test]
+    async fn a_drain_leaves_plain_http_connections_to_finish() {
+        let drain = Drain::new();
+        let (mut listener, addr) = listener(&drain).await;
+        let (mut before, mut old) = connection(&mut listener, addr).await;
+        assert_eq!(drain.start(Duration::from_millis(50)), 0);
+        let (mut during, mut new) = connection(&mut listener, addr).await;
+
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        for (client, server) in [(&mut before, &mut old), (&mut during, &mut new)] {
+            client.write_all(b"ok").await.unwrap();
+            let mut buf = [0u8; 2];
+            server.read_exact(&mut buf).await.unwrap();
+            server.write_all(b"ok").await.unwrap();
+        }
+    }
+
+    #[tokio::test]
+    async fn a_poll_during_the_drain_is_closed_within_a_second() {
+        let drain = Drain::new();
+        let (mut listener, addr) = listener(&drain).await;
+        drain.start(Duration::from_secs(30));
+        let (_client, mut server) = connection(&mut listener, addr).await;
+        drain.realtime(server.id());
+        let mut buf = [0u8; 2];
+        let read = tokio::time::timeout(Duration::from_millis(1500), server.read(&mut buf)).await;
+        assert_eq!(read.unwrap().unwrap(), 0);
     }
 }

@@ -13,6 +13,7 @@ use serde_json::json;
 use crate::app::{App, SnapshotError};
 use crate::auth::{Refusal, Role, bearer};
 use crate::directory::DirectoryError;
+use crate::drain::Connection;
 use crate::ingest::validate::FieldError;
 use crate::live::LiveError;
 
@@ -152,13 +153,22 @@ async fn healthz() -> Json<serde_json::Value> {
 
 /// While draining, new Socket.IO sessions are refused with 503 so that the
 /// load balancer sends them to another pod; requests of existing sessions
-/// (with a `sid`) and the HTTP API go on.
+/// (with a `sid`) and the HTTP API go on. Every Socket.IO request marks its
+/// connection as one the drain closes.
 pub async fn refuse_while_draining(
     State(app): State<App>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let handshake = request.uri().path().starts_with("/socket.io")
+    let socket_io = request.uri().path().starts_with("/socket.io");
+    let connection = request
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Connection>>();
+    if let (true, Some(connection)) = (socket_io, connection) {
+        // A drain closes this connection; plain HTTP ones finish.
+        app.drain().realtime(connection.0.id);
+    }
+    let handshake = socket_io
         && !request
             .uri()
             .query()

@@ -23,7 +23,7 @@ use crate::cluster::store::RedisLive;
 use crate::config::{Profile, ResolvedSettings, redact_url};
 use crate::directory::Directory;
 use crate::directory::cache::{CacheTimes, DirectoryCache};
-use crate::drain::{Drain, DrainableListener};
+use crate::drain::{Connection, Drain, DrainableListener};
 use crate::live::Live;
 use crate::metrics::Metrics;
 
@@ -271,7 +271,7 @@ async fn listen(
 
     let (shutdown, watch) = tokio::sync::watch::channel(false);
     let listener = DrainableListener::new(listener, app.drain().clone());
-    let server = tokio::spawn(serve_until(listener, router, watch.clone()));
+    let server = tokio::spawn(serve_app_until(listener, router, watch.clone()));
     tokio::spawn(count_open_help_requests(app.clone()));
     let metrics_router = crate::http::metrics_router(app.clone());
     let metrics_server = tokio::spawn(serve_until(metrics_listener, metrics_router, watch));
@@ -328,6 +328,22 @@ where
         let _ = stop.wait_for(|stopped| *stopped).await;
     };
     axum::serve(listener, router)
+        .with_graceful_shutdown(signal)
+        .await
+}
+
+/// Like [`serve_until`] for the app listener, whose requests know their
+/// connection (the drain closes those that carry Socket.IO).
+async fn serve_app_until(
+    listener: DrainableListener,
+    router: axum::Router,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> std::io::Result<()> {
+    let signal = async move {
+        let _ = stop.wait_for(|stopped| *stopped).await;
+    };
+    let service = router.into_make_service_with_connect_info::<Connection>();
+    axum::serve(listener, service)
         .with_graceful_shutdown(signal)
         .await
 }

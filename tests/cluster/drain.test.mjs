@@ -123,6 +123,26 @@ test(`SIGTERM with ${ON_DRAINING} dashboards: all back on the other pod within t
       assert.ok(d.disconnects[0].at - termAt <= DRAIN_SECS * 1000 + 1000, 'closed within the window');
     }
     assert.deepEqual(bystanders.flatMap((d) => d.disconnects), [], 'the other pod\'s dashboards stay connected');
+    // The reconnections went straight to the other pod: nginx retried the
+    // handshakes the draining pod refused (503), and no request of a new
+    // session went back to the draining pod ("Session ID unknown", 400).
+    const log = await ngx.accessLog();
+    if (process.env.DRAIN_DEBUG) {
+      const { writeFile } = await import('node:fs/promises');
+      await writeFile('/tmp/drain-access.log', log.map((l) => `${l.at - termAt} ${l.raw}`).join('\n'));
+      await writeFile('/tmp/drain-pod-a.log', draining.logs());
+      await writeFile('/tmp/drain-pod-b.log', staying.logs());
+    }
+    const unknown = log.filter((l) => l.uri?.startsWith('/socket.io/') && (l.status === 400 || l.status >= 500));
+    assert.deepEqual(unknown.map((l) => l.raw), [], 'no 400 or 5xx socket.io answer through nginx');
+    // HTTP requests go on during the window: every event posted then was
+    // taken at the first attempt (no 503 from a closing dashboard, no 502
+    // from a connection cut in the middle of a request).
+    const ingest = log.filter((l) => l.uri === '/api/v1/events' && l.at >= termAt && l.at < termAt + DRAIN_SECS * 1000);
+    assert.ok(ingest.length > 10, `events posted during the window (${ingest.length})`);
+    assert.deepEqual(ingest.filter((l) => l.status !== 202).map((l) => l.raw), [], 'ingest answers during the drain');
+    const retried = log.filter((l) => l.uri?.startsWith('/socket.io/') && l.upstreamStatus.startsWith('503'));
+    console.log(`# ${retried.length} handshakes refused by the draining pod and retried by nginx on the other`);
 
     // Nothing lost: every help request is in each dashboard's view, heard
     // live or in the snapshot of its last join (nobody claims them, so

@@ -55,8 +55,8 @@ server {
 /**
  * Starts nginx with two front doors to `servers` ("127.0.0.1:port"):
  * `url` with the README's cookie affinity, `rrUrl` round robin.
- * `accessLog()` parses the access log: one { status, method, uri, sid,
- * upstream, cookie } per request.
+ * `accessLog()` parses the access log: one { at, ms, status, method, uri,
+ * sid, upstream, upstreamStatus, cookie } per request.
  */
 export async function startNginx(servers) {
   const dir = await mkdtemp(path.join(os.tmpdir(), 'cellgate-nginx-'));
@@ -79,7 +79,7 @@ http {
   fastcgi_temp_path ${dir}/fastcgi;
   uwsgi_temp_path ${dir}/uwsgi;
   scgi_temp_path ${dir}/scgi;
-  log_format cg '$status $request_method "$request_uri" $upstream_addr "$upstream_status" "$cookie_cgaff"';
+  log_format cg '$msec $status $request_method "$request_uri" "$upstream_addr" "$upstream_status" "$cookie_cgaff" $request_time';
   access_log ${dir}/access.log cg;
   # ---- README.md, "Load balancers and sticky sessions" ----
 ${affinityServer(snippet, servers, port)}
@@ -134,9 +134,14 @@ ${roundRobinServer(servers, rrPort)}
 }
 
 function parseLine(line) {
-  const m = /^(\d+) (\S+) "([^"]*)" (\S+) "([^"]*)" "([^"]*)"$/.exec(line);
+  const m = /^(\S+) (\d+) (\S+) "([^"]*)" "([^"]*)" "([^"]*)" "([^"]*)" (\S+)$/.exec(line);
   if (!m) return { raw: line };
-  const [, status, method, uri, upstream, upstreamStatus, cookie] = m;
+  const [, msec, status, method, uri, upstream, upstreamStatus, cookie, requestTime] = m;
   const sid = /[?&]sid=([^&]+)/.exec(uri)?.[1];
-  return { status: Number(status), method, uri, upstream, upstreamStatus, cookie, sid, raw: line };
+  return {
+    // when the request ended, and how long it took, in ms
+    at: Math.round(Number(msec) * 1000),
+    ms: Math.round(Number(requestTime) * 1000),
+    status: Number(status), method, uri, upstream, upstreamStatus, cookie, sid, raw: line,
+  };
 }
