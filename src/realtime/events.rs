@@ -123,8 +123,11 @@ async fn join_classroom<A: Adapter>(
             joined.push(classroom.clone());
         }
     }
-    // A socket that left while the lookups ran must not stay listed.
+    // A socket that left while the lookups ran must not stay listed, nor
+    // in the room: socketioxide adds a closed socket to a room all the
+    // same, and its disconnect clean-up has already run.
     if !s.connected() {
+        s.leave(classroom_room(&classroom));
         left_classroom(&app, &session, &classroom).await;
         return failure("disconnected");
     }
