@@ -12,6 +12,7 @@ use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
+use crate::limits::{AllowedOrigins, LimitSettings, TrustedProxies};
 use figment::Figment;
 use figment::providers::{Env, Format, Serialized, Toml};
 use serde::{Deserialize, Serialize};
@@ -32,6 +33,12 @@ const DEV_DATABASE_FILE: &str = "cellgate.db";
 /// Shortest session TTL: entries are refreshed every third of it, and a
 /// refresh needs a moment of its own.
 const MIN_SESSION_TTL_SECS: u64 = 3;
+
+/// Smallest Socket.IO payload limit: the CONNECT packet carries the token.
+const MIN_SOCKET_PAYLOAD_BYTES: usize = 4096;
+
+/// Smallest outgoing queue: a join answer and a burst of events must fit.
+const MIN_SOCKET_QUEUE_PACKETS: usize = 16;
 
 /// Which safety rules apply at start-up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
@@ -132,6 +139,35 @@ pub struct Settings {
     /// Cluster mode: how long a dashboard's session and presence entries
     /// outlive their pod in Redis, in seconds (refreshed every third of it).
     pub session_ttl_secs: u64,
+    /// Dashboard handshakes one client address may start per minute
+    /// (0: no limit); beyond it, `rate_limited`.
+    pub handshakes_per_minute: u32,
+    /// Handshakes one client address may start at once, within that rate.
+    pub handshake_burst: u32,
+    /// `POST /api/v1/events` requests one student token may send per
+    /// minute (0: no limit); beyond it, 429 with `Retry-After`.
+    pub ingest_per_minute: u32,
+    /// Ingest requests one student token may send at once, within that rate.
+    pub ingest_burst: u32,
+    /// Largest Socket.IO payload a dashboard may send, in bytes: a polling
+    /// request body and a WebSocket message alike.
+    pub max_socket_payload_bytes: usize,
+    /// Dashboards one instructor may have connected to this pod.
+    pub max_sockets_per_instructor: u32,
+    /// Dashboards this pod holds at most.
+    pub max_sockets: u32,
+    /// Packets queued for one dashboard at most; a dashboard too slow to
+    /// take them is disconnected.
+    pub socket_queue_packets: usize,
+    /// Browser origins allowed (CORS and the Socket.IO `Origin` check):
+    /// `["*"]`, a list of `scheme://host[:port]`, or `[]` for the gateway's
+    /// own origin only. Default: `["*"]` in dev, `[]` in production.
+    #[serde(default, deserialize_with = "list_or_commas")]
+    pub allowed_origins: Option<Vec<String>>,
+    /// Proxies (addresses or networks) whose `X-Forwarded-For` is believed
+    /// for the client address; nobody's by default.
+    #[serde(deserialize_with = "list_or_commas_required")]
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for Settings {
@@ -164,6 +200,16 @@ impl Default for Settings {
             auto_migrate: None,
             drain_secs: 10,
             session_ttl_secs: 30,
+            handshakes_per_minute: 120,
+            handshake_burst: 60,
+            ingest_per_minute: 600,
+            ingest_burst: 120,
+            max_socket_payload_bytes: 64 * 1024,
+            max_sockets_per_instructor: 20,
+            max_sockets: 10_000,
+            socket_queue_packets: 4096,
+            allowed_origins: None,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -195,6 +241,8 @@ impl fmt::Debug for Settings {
             .field("jwt_audience", &self.jwt_audience)
             .field("jwt_leeway_secs", &self.jwt_leeway_secs)
             .field("redis_url", &self.redis_url.as_deref().map(redact_url))
+            .field("allowed_origins", &self.allowed_origins)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish_non_exhaustive()
     }
 }
@@ -249,6 +297,8 @@ pub struct ResolvedSettings {
     pub node_id: String,
     /// Notes for the start-up log (development defaults that were used).
     pub notes: Vec<String>,
+    /// The limits, parsed.
+    pub limits: LimitSettings,
 }
 
 impl Settings {
@@ -360,6 +410,7 @@ impl Settings {
         }
 
         self.check_rotation_and_jwks(&mut problems, &mut notes);
+        let limits = self.check_limits(production, &mut problems);
         let has_jwks = self.jwks_url.is_some();
         let key = match (&self.jwt_secret, &self.jwt_public_key_file) {
             (Some(secret), _) => Ok(Some(KeySource::Secret(secret.clone()))),
@@ -399,9 +450,75 @@ impl Settings {
                     auto_migrate,
                     node_id,
                     notes,
+                    limits,
                 })
             }
             _ => Err(ConfigError { problems }),
+        }
+    }
+
+    fn check_limits(&self, production: bool, problems: &mut Vec<String>) -> LimitSettings {
+        for (name, rate, burst) in [
+            (
+                "CELLGATE_HANDSHAKE_BURST",
+                self.handshakes_per_minute,
+                self.handshake_burst,
+            ),
+            (
+                "CELLGATE_INGEST_BURST",
+                self.ingest_per_minute,
+                self.ingest_burst,
+            ),
+        ] {
+            if rate > 0 && burst == 0 {
+                problems.push(format!("{name} must be at least 1 while its rate is on"));
+            }
+        }
+        if self.max_socket_payload_bytes < MIN_SOCKET_PAYLOAD_BYTES {
+            problems.push(format!(
+                "CELLGATE_MAX_SOCKET_PAYLOAD_BYTES must be at least {MIN_SOCKET_PAYLOAD_BYTES} \
+                 (the handshake carries the token)"
+            ));
+        }
+        if self.max_sockets_per_instructor == 0 {
+            problems.push("CELLGATE_MAX_SOCKETS_PER_INSTRUCTOR must be at least 1".to_string());
+        }
+        if self.max_sockets == 0 {
+            problems.push("CELLGATE_MAX_SOCKETS must be at least 1".to_string());
+        }
+        if self.socket_queue_packets < MIN_SOCKET_QUEUE_PACKETS {
+            problems.push(format!(
+                "CELLGATE_SOCKET_QUEUE_PACKETS must be at least {MIN_SOCKET_QUEUE_PACKETS}"
+            ));
+        }
+        let default_origins = if production {
+            vec![]
+        } else {
+            vec!["*".to_string()]
+        };
+        let origins = self.allowed_origins.as_ref().unwrap_or(&default_origins);
+        let origins = AllowedOrigins::parse(origins).unwrap_or_else(|bad| {
+            for problem in bad {
+                problems.push(format!("CELLGATE_ALLOWED_ORIGINS: {problem}"));
+            }
+            AllowedOrigins::Listed(Vec::new())
+        });
+        let trusted_proxies = TrustedProxies::parse(&self.trusted_proxies).unwrap_or_else(|bad| {
+            problems.push(format!(
+                "CELLGATE_TRUSTED_PROXIES: not an address or network: {}",
+                bad.join(", ")
+            ));
+            TrustedProxies::none()
+        });
+        LimitSettings {
+            handshakes_per_minute: self.handshakes_per_minute,
+            handshake_burst: self.handshake_burst,
+            ingest_per_minute: self.ingest_per_minute,
+            ingest_burst: self.ingest_burst,
+            max_sockets_per_instructor: self.max_sockets_per_instructor as usize,
+            max_sockets: self.max_sockets as usize,
+            trusted_proxies,
+            origins,
         }
     }
 
@@ -482,6 +599,38 @@ pub struct Overrides {
     #[arg(long, value_enum)]
     #[serde(skip_serializing_if = "Option::is_none")]
     pub log_format: Option<LogFormat>,
+}
+
+/// A list setting given as a list (`["a", "b"]`) or as one string of
+/// comma-separated entries (`a, b`; empty: no entry).
+fn list_or_commas<'de, D>(deserializer: D) -> Result<Option<Vec<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        Many(Vec<String>),
+        One(String),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(deserializer)? {
+        None => None,
+        Some(OneOrMany::Many(list)) => Some(list),
+        Some(OneOrMany::One(text)) => Some(
+            text.split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
+        ),
+    })
+}
+
+fn list_or_commas_required<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    Ok(list_or_commas(deserializer)?.unwrap_or_default())
 }
 
 /// Hides the password of a connection URL.
@@ -667,6 +816,92 @@ mod tests {
         std::fs::write(&file, "listen_adr = \"127.0.0.1:4000\"\n").unwrap();
         let err = Settings::load_from_map(Some(&file), [], &Overrides::default()).unwrap_err();
         assert!(err.to_string().contains("listen_adr"), "{err}");
+    }
+
+    #[test]
+    fn limits_have_documented_defaults_and_dev_allows_any_origin() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        let resolved = load(&[("CELLGATE_DATA_DIR", data_dir)])
+            .unwrap()
+            .resolve()
+            .unwrap();
+        let s = &resolved.settings;
+        assert_eq!((s.handshakes_per_minute, s.handshake_burst), (120, 60));
+        assert_eq!((s.ingest_per_minute, s.ingest_burst), (600, 120));
+        assert_eq!(s.max_socket_payload_bytes, 65_536);
+        assert_eq!((s.max_sockets_per_instructor, s.max_sockets), (20, 10_000));
+        assert_eq!(s.socket_queue_packets, 4096);
+        assert_eq!(resolved.limits.origins, AllowedOrigins::Any);
+        assert!(resolved.limits.trusted_proxies.is_empty());
+    }
+
+    #[test]
+    fn production_allows_only_its_own_origin_unless_told() {
+        let production = [
+            ("CELLGATE_PROFILE", "production"),
+            ("CELLGATE_DATABASE_URL", "postgres://db/cellgate"),
+            ("CELLGATE_JWT_SECRET", "0123456789abcdef0123456789abcdef"),
+        ];
+        let resolved = load(&production).unwrap().resolve().unwrap();
+        assert_eq!(resolved.limits.origins, AllowedOrigins::Listed(vec![]));
+
+        for given in [
+            "https://dash.example.edu, http://localhost:5173",
+            r#"["https://dash.example.edu", "http://localhost:5173"]"#,
+        ] {
+            let mut env = production.to_vec();
+            env.push(("CELLGATE_ALLOWED_ORIGINS", given));
+            env.push(("CELLGATE_TRUSTED_PROXIES", "10.0.0.0/8,192.168.1.5"));
+            let resolved = load(&env).unwrap().resolve().unwrap();
+            assert_eq!(
+                resolved.limits.origins,
+                AllowedOrigins::Listed(vec![
+                    "https://dash.example.edu".into(),
+                    "http://localhost:5173".into()
+                ]),
+                "{given}"
+            );
+            assert!(!resolved.limits.trusted_proxies.is_empty());
+        }
+    }
+
+    #[test]
+    fn unusable_limits_are_all_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        let env = [
+            ("CELLGATE_DATA_DIR", data_dir),
+            ("CELLGATE_HANDSHAKE_BURST", "0"),
+            ("CELLGATE_MAX_SOCKET_PAYLOAD_BYTES", "100"),
+            ("CELLGATE_MAX_SOCKETS", "0"),
+            ("CELLGATE_SOCKET_QUEUE_PACKETS", "2"),
+            ("CELLGATE_ALLOWED_ORIGINS", "*, https://a.test"),
+            ("CELLGATE_TRUSTED_PROXIES", "lb.internal"),
+        ];
+        let err = load(&env).unwrap().resolve().unwrap_err();
+        let text = err.to_string();
+        for name in [
+            "CELLGATE_HANDSHAKE_BURST",
+            "CELLGATE_MAX_SOCKET_PAYLOAD_BYTES",
+            "CELLGATE_MAX_SOCKETS ",
+            "CELLGATE_SOCKET_QUEUE_PACKETS",
+            "CELLGATE_ALLOWED_ORIGINS",
+            "CELLGATE_TRUSTED_PROXIES: not an address or network: lb.internal",
+        ] {
+            assert!(text.contains(name), "{name} missing from {text}");
+        }
+        assert_eq!(err.problems.len(), 6, "{text}");
+
+        let off = [
+            ("CELLGATE_DATA_DIR", data_dir),
+            ("CELLGATE_HANDSHAKES_PER_MINUTE", "0"),
+            ("CELLGATE_HANDSHAKE_BURST", "0"),
+        ];
+        assert!(
+            load(&off).unwrap().resolve().is_ok(),
+            "a rate of 0 needs no burst"
+        );
     }
 
     #[test]

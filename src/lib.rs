@@ -19,6 +19,7 @@ pub mod directory;
 pub mod drain;
 pub mod http;
 pub mod ingest;
+pub mod limits;
 pub mod live;
 pub mod metrics;
 pub mod model;

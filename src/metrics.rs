@@ -31,15 +31,25 @@ const FANOUT_BUCKETS: &[f64] = &[0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 20
 pub const EVENT_TYPES: [&str; 3] = ["cell_executed", "help_requested", "help_cancelled"];
 
 /// Why an ingest request was refused (`ApiError::reason`).
-pub const REJECT_REASONS: [&str; 7] = [
+pub const REJECT_REASONS: [&str; 8] = [
     "unauthorized",
     "forbidden",
     "not_found",
     "invalid",
     "too_large",
+    "rate_limited",
     "unavailable",
     "cluster_unavailable",
 ];
+
+/// The keyed rate limits (`cellgate_rate_limit_keys`).
+pub const RATE_LIMITS: [&str; 2] = ["handshake", "ingest"];
+
+/// The transports of a Socket.IO payload.
+pub const TRANSPORTS: [&str; 2] = ["polling", "websocket"];
+
+/// The scopes of the dashboard limits (`cellgate_socket_limit_sockets`).
+pub const SOCKET_LIMIT_SCOPES: [&str; 2] = ["pod", "instructor"];
 
 /// Why a dashboard connection ended (see [`close_reason`]).
 pub const CLOSE_REASONS: [&str; 8] = [
@@ -123,6 +133,17 @@ pub struct Metrics {
     pub jwks_fetches: IntCounterVec,
     /// Signing keys of the JWKS in use.
     pub jwks_keys: IntGauge,
+    /// Keys a rate limit holds now, by `limit` ([`RATE_LIMITS`]).
+    pub rate_limit_keys: IntGaugeVec,
+    /// Socket.IO payloads over `CELLGATE_MAX_SOCKET_PAYLOAD_BYTES`, by
+    /// `transport` ([`TRANSPORTS`]); each closed its connection.
+    pub socket_payloads_too_large: IntCounterVec,
+    /// Dashboards disconnected because their outgoing queue was full.
+    pub slow_consumer_disconnects: IntCounter,
+    /// Socket.IO requests refused for their `Origin`.
+    pub origin_refusals: IntCounter,
+    /// The configured dashboard limits, by `scope` ([`SOCKET_LIMIT_SCOPES`]).
+    pub socket_limits: IntGaugeVec,
 }
 
 impl Metrics {
@@ -337,6 +358,50 @@ impl Metrics {
                     "Signing keys of the JWKS in use (0 without CELLGATE_JWKS_URL).",
                 ),
             ),
+            rate_limit_keys: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "cellgate_rate_limit_keys",
+                        "Client addresses or student tokens a rate limit holds a budget for, by limit.",
+                    ),
+                    &["limit"],
+                ),
+            ),
+            socket_payloads_too_large: register(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        "cellgate_socket_payloads_too_large_total",
+                        "Socket.IO payloads over CELLGATE_MAX_SOCKET_PAYLOAD_BYTES (each closed its connection), by transport.",
+                    ),
+                    &["transport"],
+                ),
+            ),
+            slow_consumer_disconnects: register(
+                &r,
+                IntCounter::new(
+                    "cellgate_slow_consumer_disconnects_total",
+                    "Dashboards disconnected because their outgoing queue (CELLGATE_SOCKET_QUEUE_PACKETS) was full.",
+                ),
+            ),
+            origin_refusals: register(
+                &r,
+                IntCounter::new(
+                    "cellgate_origin_refusals_total",
+                    "Socket.IO requests refused with 403 because their Origin is not allowed.",
+                ),
+            ),
+            socket_limits: register(
+                &r,
+                IntGaugeVec::new(
+                    Opts::new(
+                        "cellgate_socket_limit_sockets",
+                        "The dashboard limits in force: per pod (CELLGATE_MAX_SOCKETS) and per instructor.",
+                    ),
+                    &["scope"],
+                ),
+            ),
             registry: r,
         };
         let process = prometheus::process_collector::ProcessCollector::for_self();
@@ -367,6 +432,16 @@ impl Metrics {
         }
         for outcome in REFRESH_OUTCOMES {
             self.token_refreshes.with_label_values(&[outcome]);
+        }
+        for limit in RATE_LIMITS {
+            self.rate_limit_keys.with_label_values(&[limit]);
+        }
+        for transport in TRANSPORTS {
+            self.socket_payloads_too_large
+                .with_label_values(&[transport]);
+        }
+        for scope in SOCKET_LIMIT_SCOPES {
+            self.socket_limits.with_label_values(&[scope]);
         }
         for namespace in NAMESPACES {
             self.connected_sockets.with_label_values(&[namespace]);

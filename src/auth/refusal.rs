@@ -20,6 +20,11 @@ pub enum Refusal {
     DirectoryUnavailable,
     /// Too many handshakes from one address.
     RateLimited,
+    /// The instructor has `CELLGATE_MAX_SOCKETS_PER_INSTRUCTOR` dashboards
+    /// on this pod already.
+    TooManyConnections,
+    /// This pod holds `CELLGATE_MAX_SOCKETS` dashboards.
+    ServerFull,
 }
 
 impl Refusal {
@@ -37,6 +42,8 @@ impl Refusal {
             Refusal::InstructorInactive => "instructor_inactive",
             Refusal::DirectoryUnavailable => "directory_unavailable",
             Refusal::RateLimited => "rate_limited",
+            Refusal::TooManyConnections => "too_many_connections",
+            Refusal::ServerFull => "server_full",
         }
     }
 
@@ -49,17 +56,21 @@ impl Refusal {
             Refusal::InstructorInactive => "the instructor is deactivated",
             Refusal::DirectoryUnavailable => "the instructor directory did not answer",
             Refusal::RateLimited => "too many handshakes from this address",
+            Refusal::TooManyConnections => "the instructor has too many dashboards open",
+            Refusal::ServerFull => "this gateway holds as many dashboards as it may",
         }
     }
 
     /// Every code, for metrics that must exist before the first refusal.
-    pub const CODES: [&'static str; 6] = [
+    pub const CODES: [&'static str; 8] = [
         "invalid_token",
         "token_expired",
         "instructor_not_found",
         "instructor_inactive",
         "directory_unavailable",
         "rate_limited",
+        "too_many_connections",
+        "server_full",
     ];
 }
 
