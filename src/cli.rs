@@ -46,6 +46,7 @@ Environment:
   CELLGATE_REDIS_URL              redis://…: cluster mode (several pods; Redis 7 or later)
   CELLGATE_DRAIN_SECS             on SIGTERM, close connections spread over this window [10]
   CELLGATE_SESSION_TTL_SECS       cluster mode: a crashed pod's dashboards leave presence after this [30]
+  CELLGATE_REDIS_PREFIX           cluster mode: prefix of Redis keys and channels; one cluster per prefix [cellgate]
   RUST_LOG                        log filter [info]";
 
 /// cellgate: lets instructors watch a live classroom.

@@ -139,6 +139,9 @@ pub struct Settings {
     /// Cluster mode: how long a dashboard's session and presence entries
     /// outlive their pod in Redis, in seconds (refreshed every third of it).
     pub session_ttl_secs: u64,
+    /// Cluster mode: prefix of every Redis key and pub/sub channel; the pods
+    /// with the same prefix on one Redis form one cluster.
+    pub redis_prefix: String,
     /// Dashboard handshakes one client address may start per minute
     /// (0: no limit); beyond it, `rate_limited`.
     pub handshakes_per_minute: u32,
@@ -200,6 +203,7 @@ impl Default for Settings {
             auto_migrate: None,
             drain_secs: 10,
             session_ttl_secs: 30,
+            redis_prefix: "cellgate".to_string(),
             handshakes_per_minute: 120,
             handshake_burst: 60,
             ingest_per_minute: 600,
@@ -373,6 +377,13 @@ impl Settings {
         }
         if self.default_seats == 0 {
             problems.push("CELLGATE_DEFAULT_SEATS must be at least 1".to_string());
+        }
+        let prefix_chars = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        if self.redis_prefix.is_empty() || !self.redis_prefix.chars().all(prefix_chars) {
+            problems.push(
+                "CELLGATE_REDIS_PREFIX must be letters, digits, '-' or '_', at least one"
+                    .to_string(),
+            );
         }
         if self.session_ttl_secs < MIN_SESSION_TTL_SECS {
             problems.push(format!(
@@ -799,6 +810,29 @@ mod tests {
         let resolved = load(&fine).unwrap().resolve().unwrap();
         assert_eq!(resolved.settings.session_ttl_secs, 6);
         assert_eq!(load(&[]).unwrap().session_ttl_secs, 30);
+    }
+
+    #[test]
+    fn a_redis_prefix_that_would_break_key_names_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let data_dir = dir.path().to_str().unwrap();
+        assert_eq!(load(&[]).unwrap().redis_prefix, "cellgate");
+        for bad in ["", "a:b", "a#b", "a b"] {
+            let env = [
+                ("CELLGATE_DATA_DIR", data_dir),
+                ("CELLGATE_REDIS_PREFIX", bad),
+            ];
+            let err = load(&env).unwrap().resolve().unwrap_err();
+            assert!(
+                err.to_string().contains("CELLGATE_REDIS_PREFIX"),
+                "{bad:?}: {err}"
+            );
+        }
+        let env = [
+            ("CELLGATE_DATA_DIR", data_dir),
+            ("CELLGATE_REDIS_PREFIX", "cg-blue_2"),
+        ];
+        assert!(load(&env).unwrap().resolve().is_ok());
     }
 
     #[test]

@@ -30,9 +30,6 @@ use crate::metrics::Metrics;
 /// Largest Socket.IO packet a dashboard may send, in bytes.
 const MAX_SOCKET_PAYLOAD: u64 = 64 * 1024;
 
-/// Channel prefix of the Socket.IO Redis adapter.
-const ADAPTER_PREFIX: &str = "cellgate";
-
 /// Packets queued per dashboard before it counts as too slow. A full
 /// 500-event batch is 500 `cell_executed` plus up to 500 `seat_updated`.
 const OUTGOING_BUFFER_PACKETS: usize = 4096;
@@ -154,17 +151,20 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         return listen(&settings, app, router, directory, None).await;
     };
 
-    let everyone = broadcast_channel(ADAPTER_PREFIX, crate::realtime::NAMESPACE);
-    let mut cluster = Cluster::connect(redis_url, &settings.node_id, everyone, &metrics).await?;
+    let prefix = s.redis_prefix.as_str();
+    let everyone = broadcast_channel(prefix, crate::realtime::NAMESPACE);
+    let node_id = &settings.node_id;
+    let mut cluster = Cluster::connect(redis_url, node_id, prefix, everyone, &metrics).await?;
     let adapter = RedisAdapterCtr::new_with_driver(
         cluster.driver.clone(),
-        RedisAdapterConfig::new().with_prefix(ADAPTER_PREFIX),
+        RedisAdapterConfig::new().with_prefix(prefix.to_string()),
     );
     let (layer, io) = builder
         .with_adapter::<ClusterAdapter<_>>(adapter)
         .build_layer();
     let session_ttl = Duration::from_secs(s.session_ttl_secs);
-    let live = Live::Shared(RedisLive::new(cluster.commands.clone(), session_ttl));
+    let redis = RedisLive::new(cluster.commands.clone(), session_ttl, prefix);
+    let live = Live::Shared(redis);
     let broadcaster = Arc::new(io.clone());
     let cluster_health = Some(cluster.health.clone());
     let parts = AppParts {

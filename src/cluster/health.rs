@@ -20,8 +20,10 @@ use super::driver::{DriverError, PubSubDriver};
 use super::peers::Peers;
 use crate::metrics::Metrics;
 
-/// The channel every pod probes on.
-pub const PROBE_CHANNEL: &str = "cellgate-probe#";
+/// The channel every pod of the cluster named `prefix` probes on.
+pub fn probe_channel(prefix: &str) -> String {
+    format!("{prefix}-probe#")
+}
 /// Time between probes.
 const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// How long publishing a probe may take.
@@ -70,34 +72,41 @@ impl ClusterHealth {
 /// The running probe; [`Prober::goodbye`] stops it and tells the others.
 pub struct Prober {
     task: JoinHandle<()>,
+    probe: Probe,
+}
+
+/// What probing needs: where, who this pod is, and who the others are.
+#[derive(Clone)]
+struct Probe {
     driver: PubSubDriver,
+    channel: Arc<str>,
     peers: Arc<Peers>,
 }
 
 impl Prober {
-    /// Subscribes to the probe channel and starts probing.
+    /// Subscribes to `channel` (see [`probe_channel`]) and starts probing.
     pub async fn start(
         driver: PubSubDriver,
+        channel: String,
         health: Arc<ClusterHealth>,
         peers: Arc<Peers>,
     ) -> Result<Self, DriverError> {
-        let stream = driver
-            .subscribe(PROBE_CHANNEL.to_string(), PROBE_BUFFER)
-            .await?;
-        let task = tokio::spawn(probe(driver.clone(), health, peers.clone(), stream));
-        Ok(Prober {
-            task,
+        let stream = driver.subscribe(channel.clone(), PROBE_BUFFER).await?;
+        let probe = Probe {
             driver,
+            channel: channel.into(),
             peers,
-        })
+        };
+        let task = tokio::spawn(run(probe.clone(), health, stream));
+        Ok(Prober { task, probe })
     }
 
     /// Stops probing and tells the other pods this one is gone, so that
     /// they stop waiting for it at once.
     pub async fn goodbye(&self) {
         self.task.abort();
-        let message = format!("{} {GOODBYE}", self.peers.me());
-        if let Err(error) = publish(&self.driver, message).await {
+        let message = format!("{} {GOODBYE}", self.probe.peers.me());
+        if let Err(error) = self.probe.publish(message).await {
             tracing::warn!(%error, "cannot say goodbye to the cluster; the others forget this pod on their own");
         }
     }
@@ -122,12 +131,12 @@ fn parse(message: &[u8]) -> Option<Heard<'_>> {
 
 /// Probes forever: each period, a probe not heard back (or a client not
 /// connected) is a miss; a probe heard back makes the pod healthy at once.
-async fn probe(
-    driver: PubSubDriver,
+async fn run(
+    probe: Probe,
     health: Arc<ClusterHealth>,
-    peers: Arc<Peers>,
     mut stream: MessageStream<(String, Vec<u8>)>,
 ) {
+    let Probe { driver, peers, .. } = probe.clone();
     let mut every = tokio::time::interval(PROBE_EVERY);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut pending: Option<String> = None;
@@ -147,7 +156,7 @@ async fn probe(
                         health.set(false);
                     }
                 }
-                pending = send_probe(&driver, &peers).await;
+                pending = probe.send().await;
             }
             message = stream.next() => {
                 let Some((_, data)) = message else { return };
@@ -167,23 +176,27 @@ async fn probe(
     }
 }
 
-/// Publishes a fresh nonce; returns it, to be heard back before the next
-/// period. A probe that cannot be sent is still pending: a miss.
-async fn send_probe(driver: &PubSubDriver, peers: &Peers) -> Option<String> {
-    let nonce = uuid::Uuid::new_v4().simple().to_string();
-    if driver.client().is_connected()
-        && let Err(error) = publish(driver, format!("{} {nonce}", peers.me())).await
-    {
-        tracing::debug!(%error, "probe not sent");
+impl Probe {
+    /// Publishes a fresh nonce; returns it, to be heard back before the
+    /// next period. A probe that cannot be sent is still pending: a miss.
+    async fn send(&self) -> Option<String> {
+        let nonce = uuid::Uuid::new_v4().simple().to_string();
+        if self.driver.client().is_connected()
+            && let Err(error) = self.publish(format!("{} {nonce}", self.peers.me())).await
+        {
+            tracing::debug!(%error, "probe not sent");
+        }
+        Some(nonce)
     }
-    Some(nonce)
-}
 
-async fn publish(driver: &PubSubDriver, message: String) -> Result<(), DriverError> {
-    let sent = driver.publish_uncounted(PROBE_CHANNEL.to_string(), message.into_bytes());
-    tokio::time::timeout(PUBLISH_WAIT, sent)
-        .await
-        .map_err(|_| DriverError::Timeout(PUBLISH_WAIT))?
+    async fn publish(&self, message: String) -> Result<(), DriverError> {
+        let sent = self
+            .driver
+            .publish_uncounted(self.channel.to_string(), message.into_bytes());
+        tokio::time::timeout(PUBLISH_WAIT, sent)
+            .await
+            .map_err(|_| DriverError::Timeout(PUBLISH_WAIT))?
+    }
 }
 
 #[cfg(test)]

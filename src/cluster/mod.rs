@@ -77,15 +77,18 @@ pub struct Cluster {
     /// The probe's verdict.
     pub health: Arc<ClusterHealth>,
     peers: Arc<Peers>,
+    probe_channel: String,
     prober: Option<Prober>,
 }
 
 impl Cluster {
-    /// Connects both clients and checks the server version. Publishes on
-    /// `everyone` (the adapter's broadcast channel) must reach every pod.
+    /// Connects both clients and checks the server version. `prefix`
+    /// names the cluster's channels; publishes on `everyone` (the adapter's
+    /// broadcast channel) must reach every pod.
     pub async fn connect(
         url: &str,
         node_id: &str,
+        prefix: &str,
         everyone: String,
         metrics: &Metrics,
     ) -> Result<Self, ClusterError> {
@@ -134,6 +137,7 @@ impl Cluster {
             driver,
             health,
             peers,
+            probe_channel: health::probe_channel(prefix),
             prober: None,
         })
     }
@@ -141,8 +145,13 @@ impl Cluster {
     /// Starts the probe, once the adapter listens: from then on the other
     /// pods count this one in.
     pub async fn start_probe(&mut self) -> Result<(), DriverError> {
-        let prober =
-            Prober::start(self.driver.clone(), self.health.clone(), self.peers.clone()).await?;
+        let prober = Prober::start(
+            self.driver.clone(),
+            self.probe_channel.clone(),
+            self.health.clone(),
+            self.peers.clone(),
+        )
+        .await?;
         self.prober = Some(prober);
         Ok(())
     }

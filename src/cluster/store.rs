@@ -2,7 +2,8 @@
 //! instructor status, sessions and event ids. Each change that must be
 //! decided once is one atomic Redis operation (a Lua script or `SET NX`).
 //!
-//! Keys, all under `cellgate:`:
+//! Keys, all under the cluster's prefix (`CELLGATE_REDIS_PREFIX`,
+//! `cellgate` by default) and a colon:
 //! - `seat:{classroom}`: hash, seat number to the seat's JSON state;
 //! - `presence:{classroom}`: sorted set of `{instructor id}|{sid}|{name}`
 //!   scored by expiry (ms), refreshed while the socket lives;
@@ -77,6 +78,7 @@ pub type StoreError = fred::error::Error;
 pub struct RedisLive {
     client: Client,
     presence_ttl: Duration,
+    prefix: std::sync::Arc<str>,
 }
 
 /// What is stored per connected socket.
@@ -103,13 +105,30 @@ fn member(instructor: &InstructorRef, sid: &str) -> String {
 }
 
 impl RedisLive {
-    /// Shared state on `client`; presence entries live `presence_ttl`
-    /// unless refreshed.
-    pub fn new(client: Client, presence_ttl: Duration) -> Self {
+    /// Shared state on `client`, in keys under `prefix`; presence entries
+    /// live `presence_ttl` unless refreshed.
+    pub fn new(client: Client, presence_ttl: Duration, prefix: &str) -> Self {
         RedisLive {
             client,
             presence_ttl,
+            prefix: prefix.into(),
         }
+    }
+
+    fn key(&self, kind: &str, name: &str) -> String {
+        format!("{}:{kind}:{name}", self.prefix)
+    }
+
+    fn presence_key(&self, classroom: &str) -> String {
+        self.key("presence", classroom)
+    }
+
+    fn status_key(&self, instructor_id: &str) -> String {
+        self.key("status", instructor_id)
+    }
+
+    fn session_key(&self, sid: &str) -> String {
+        self.key("session", sid)
     }
 
     fn expiry_ms(&self) -> i64 {
@@ -137,7 +156,7 @@ impl RedisLive {
             if failed { "1" } else { "0" }.to_string(),
             ROOM_TTL_MS.to_string(),
         ];
-        let key = format!("cellgate:seat:{classroom}");
+        let key = self.key("seat", classroom);
         let raw: String = self.client.eval(UPDATE_SEAT, key, args).await?;
         Ok(SeatState::from_json(&raw).view(seat, at))
     }
@@ -150,11 +169,8 @@ impl RedisLive {
         help_queue: &[HelpRequest],
     ) -> Result<Vec<Seat>, StoreError> {
         let stored: std::collections::HashMap<u32, String> =
-            fred::interfaces::HashesInterface::hgetall(
-                &self.client,
-                format!("cellgate:seat:{classroom}"),
-            )
-            .await?;
+            fred::interfaces::HashesInterface::hgetall(&self.client, self.key("seat", classroom))
+                .await?;
         let states = (1..=seats)
             .map(|n| {
                 stored
@@ -183,7 +199,7 @@ impl RedisLive {
         ];
         let first: i64 = self
             .client
-            .eval(JOIN, presence_key(classroom), args)
+            .eval(JOIN, self.presence_key(classroom), args)
             .await?;
         Ok(first == 1)
     }
@@ -203,7 +219,7 @@ impl RedisLive {
         ];
         let last: i64 = self
             .client
-            .eval(LEAVE, presence_key(classroom), args)
+            .eval(LEAVE, self.presence_key(classroom), args)
             .await?;
         Ok(last == 1)
     }
@@ -218,7 +234,7 @@ impl RedisLive {
             let _: i64 = self
                 .client
                 .zadd(
-                    presence_key(classroom),
+                    self.presence_key(classroom),
                     None,
                     None,
                     false,
@@ -235,7 +251,7 @@ impl RedisLive {
         let members: Vec<String> = self
             .client
             .zrangebyscore(
-                presence_key(classroom),
+                self.presence_key(classroom),
                 now_ms() as f64,
                 "+inf",
                 false,
@@ -272,14 +288,14 @@ impl RedisLive {
         let expire = Some(Expiration::EX(STATUS_TTL_SECS));
         let _: () = self
             .client
-            .set(status_key(instructor_id), value, expire, None, false)
+            .set(self.status_key(instructor_id), value, expire, None, false)
             .await?;
         Ok(())
     }
 
     /// An instructor's availability.
     pub async fn status(&self, instructor_id: &str) -> Result<InstructorStatus, StoreError> {
-        let raw: Option<String> = self.client.get(status_key(instructor_id)).await?;
+        let raw: Option<String> = self.client.get(self.status_key(instructor_id)).await?;
         Ok(raw
             .and_then(|r| serde_json::from_str(&r).ok())
             .unwrap_or_default())
@@ -290,7 +306,7 @@ impl RedisLive {
         let set: Option<String> = self
             .client
             .set(
-                format!("cellgate:event:{key}"),
+                self.key("event", key),
                 "1",
                 Some(Expiration::EX(EVENT_TTL_SECS)),
                 Some(SetOptions::NX),
@@ -302,7 +318,7 @@ impl RedisLive {
 
     /// Forgets an event id whose application failed.
     pub async fn forget_sighting(&self, key: &str) -> Result<(), StoreError> {
-        let _: i64 = self.client.del(format!("cellgate:event:{key}")).await?;
+        let _: i64 = self.client.del(self.key("event", key)).await?;
         Ok(())
     }
 
@@ -316,26 +332,14 @@ impl RedisLive {
         let ttl = Some(Expiration::PX(self.presence_ttl.as_millis() as i64));
         let _: () = self
             .client
-            .set(session_key(sid), value, ttl, None, false)
+            .set(self.session_key(sid), value, ttl, None, false)
             .await?;
         Ok(())
     }
 
     /// Deletes a socket's session entry.
     pub async fn remove_session(&self, sid: &str) -> Result<(), StoreError> {
-        let _: i64 = self.client.del(session_key(sid)).await?;
+        let _: i64 = self.client.del(self.session_key(sid)).await?;
         Ok(())
     }
-}
-
-fn presence_key(classroom: &str) -> String {
-    format!("cellgate:presence:{classroom}")
-}
-
-fn status_key(instructor_id: &str) -> String {
-    format!("cellgate:status:{instructor_id}")
-}
-
-fn session_key(sid: &str) -> String {
-    format!("cellgate:session:{sid}")
 }

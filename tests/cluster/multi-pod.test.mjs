@@ -135,10 +135,10 @@ describe('three pods on one Redis', () => {
     const a2 = await onPod(0, tokens[0], { classroom });
     const b = await onPod(1, tokens[1], { classroom });
     const entry = async (d) => {
-      const [raw] = await redisCli(c.redisUrl, 'GET', `cellgate:session:${d.accepted[0].sid}`);
+      const [raw] = await redisCli(c.redisUrl, 'GET', c.key('session', d.accepted[0].sid));
       return raw ? JSON.parse(raw) : null;
     };
-    const ttl = async (d) => Number((await redisCli(c.redisUrl, 'PTTL', `cellgate:session:${d.accepted[0].sid}`))[0]);
+    const ttl = async (d) => Number((await redisCli(c.redisUrl, 'PTTL', c.key('session', d.accepted[0].sid)))[0]);
 
     for (const [d, pod] of [[a, 0], [a2, 0], [b, 1]]) {
       const e = await entry(d);
@@ -156,7 +156,7 @@ describe('three pods on one Redis', () => {
 
     const sid = a2.accepted[0].sid;
     a2.socket.disconnect();
-    await eventually(async () => (await redisCli(c.redisUrl, 'EXISTS', `cellgate:session:${sid}`))[0] === '0',
+    await eventually(async () => (await redisCli(c.redisUrl, 'EXISTS', c.key('session', sid)))[0] === '0',
       { timeout: 3000, message: 'session entry deleted on disconnect' });
     assert.ok(await entry(a), "the instructor's other socket keeps its entry");
     const snap = await snapshot(c.pods[2].url, classroom, tokens[1]);
@@ -167,10 +167,41 @@ describe('three pods on one Redis', () => {
 
 describe('a pod killed with SIGKILL', () => {
   let c;
-  before(async () => { c = await startCluster({ pods: 2 }); });
-  after(async () => { await c?.stop(); });
+  let other;
+  before(async () => {
+    c = await startCluster({ pods: 2 });
+    other = await startCluster({ pods: 1 });
+  });
+  after(async () => { await Promise.all([c?.stop(), other?.stop()]); });
+
+  test('holds its cluster\'s broadcasts back (503) for at most 5 s, and no other cluster\'s on the same Redis', T, async () => {
+    const { classroom } = await c.seed({ instructors: 1, name: 'crash-hold' });
+    const elsewhere = await other.seed({ instructors: 1, name: 'crash-elsewhere' });
+    const postTo = (cluster, url, room) => post(url, cluster.student('s-0001', room, 1),
+      cellEvent({ classroom: room, seat: 1, student: 's-0001', status: 'ok' }));
+    assert.equal((await postTo(c, c.pods[1].url, classroom)).status, 202);
+    await sleep(1500); // the pods have heard each other's probes
+
+    await c.kill(0);
+    const killedAt = Date.now();
+    assert.equal((await postTo(other, other.pods[0].url, elsewhere.classroom)).status, 202,
+      'a cluster with another prefix does not wait for the dead pod');
+    const answers = [];
+    for (;;) {
+      const r = await postTo(c, c.pods[1].url, classroom);
+      answers.push([Date.now() - killedAt, r.status]);
+      if (r.status === 202 || Date.now() - killedAt > 15_000) break;
+      assert.equal(r.status, 503, JSON.stringify(r.body));
+      await sleep(200);
+    }
+    const [acceptedAfter, status] = answers[answers.length - 1];
+    console.log(`# the survivor accepted posts again ${acceptedAfter} ms after kill -9 (${answers.length - 1} refused)`);
+    assert.equal(status, 202);
+    assert.ok(acceptedAfter <= 5000 + 2000, `accepted again ${acceptedAfter} ms after the crash`);
+  });
 
   test(`leaves presence and Redis within the session TTL (${SESSION_TTL_SECS} s)`, T, async () => {
+    await c.startPod(0);
     const { classroom, people, tokens } = await c.seed({ instructors: 2, name: 'crash' });
     const onA = await dashboard(c.pods[0].url, tokens[0], { classroom, tracker: c.sockets }).ready;
     const onB = await dashboard(c.pods[1].url, tokens[1], { classroom, tracker: c.sockets }).ready;
@@ -188,8 +219,8 @@ describe('a pod killed with SIGKILL', () => {
     console.log(`# presence cleared ${after} ms after kill -9 (TTL ${SESSION_TTL_SECS} s)`);
     assert.ok(after <= SESSION_TTL_SECS * 1000 + 1000, `cleared after ${after} ms`);
     assert.deepEqual(gone.instructors.map((i) => i.name), [people[1].name]);
-    assert.deepEqual(await redisCli(c.redisUrl, 'EXISTS', `cellgate:session:${sidA}`), ['0']);
+    assert.deepEqual(await redisCli(c.redisUrl, 'EXISTS', c.key('session', sidA)), ['0']);
     // The survivor keeps its own.
-    assert.deepEqual(await redisCli(c.redisUrl, 'EXISTS', `cellgate:session:${onB.accepted[0].sid}`), ['1']);
+    assert.deepEqual(await redisCli(c.redisUrl, 'EXISTS', c.key('session', onB.accepted[0].sid)), ['1']);
   });
 });

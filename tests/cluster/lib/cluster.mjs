@@ -106,8 +106,9 @@ export async function startPrivateRedis({ users = [] } = {}) {
 
 /**
  * Starts `pods` gateways sharing one new PostgreSQL database, one JWT
- * secret and the Redis at `redisUrl`. Pod i is named `pod-<letter>-<suffix>`;
- * `perPod(i)` adds settings of pod i's own.
+ * secret and the Redis at `redisUrl`, under a Redis prefix of their own.
+ * Pod i is named `pod-<letter>-<suffix>`; `perPod(i)` adds settings of pod
+ * i's own.
  */
 export async function startCluster({ pods = 2, redisUrl = SHARED_REDIS, env = {}, perPod = () => ({}) } = {}) {
   const id = suffix();
@@ -119,9 +120,14 @@ export async function startCluster({ pods = 2, redisUrl = SHARED_REDIS, env = {}
     redisUrl,
     databaseUrl: `postgres://${PG.user}@${PG.host}:${PG.port}/${dbName}`,
     secret: randomString(48),
+    /** Redis keys and channels of this cluster's own: other clusters on
+     * the shared Redis (other tests, other people's runs) never meet it. */
+    prefix: `cg-test-${id}`,
     pods: [],
     sockets: new Set(),
   };
+  /** The Redis key of `kind` (session, presence, seat, …) and `name`. */
+  c.key = (kind, name) => `${c.prefix}:${kind}:${name}`;
 
   c.podEnv = (i) => ({
     CELLGATE_JWT_SECRET: c.secret,
@@ -129,10 +135,13 @@ export async function startCluster({ pods = 2, redisUrl = SHARED_REDIS, env = {}
     CELLGATE_NODE_ID: podName(c, i),
     CELLGATE_DRAIN_SECS: '1',
     CELLGATE_SESSION_TTL_SECS: String(SESSION_TTL_SECS),
+    CELLGATE_REDIS_PREFIX: c.prefix,
     ...env,
     ...perPod(i),
   });
+  /** Starts pod i (again, after a kill: the dead one's files are cleaned up first). */
   c.startPod = async (i, extraEnv = {}) => {
+    await c.pods[i]?.stop();
     const gw = await startGateway({
       databaseUrl: c.databaseUrl,
       migrate: i === 0 && c.pods.length === 0,
