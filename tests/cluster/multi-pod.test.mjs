@@ -129,6 +129,18 @@ describe('three pods on one Redis', () => {
     assert.equal(seat.status, 'help');
   });
 
+  test('seat state is decided once: 30 errors of one seat posted at once through three pods count 30', T, async () => {
+    const { classroom, tokens } = await c.seed({ instructors: 1, name: 'seat' });
+    const student = c.student('s-0005', classroom, 5);
+    const answers = await Promise.all(Array.from({ length: 30 }, (_, k) => post(c.pods[k % 3].url, student,
+      cellEvent({ classroom, seat: 5, student: 's-0005', status: 'error' }))));
+    assert.deepEqual([...new Set(answers.map((r) => r.status))], [202]);
+    for (const i of [0, 1, 2]) {
+      const seat = (await snapshot(c.pods[i].url, classroom, tokens[0])).seats.find((x) => x.seat === 5);
+      assert.deepEqual([seat.status, seat.errors], ['error', 30], `seat 5 on pod ${i}`);
+    }
+  });
+
   test('one session entry per socket in Redis: refreshed while it lives, deleted on disconnect', T, async () => {
     const { classroom, tokens } = await c.seed({ instructors: 2, name: 'sessions' });
     const a = await onPod(0, tokens[0], { classroom });
