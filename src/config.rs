@@ -128,6 +128,9 @@ pub struct Settings {
     pub max_body_bytes: usize,
     /// Redis URL; turns on cluster mode (several pods).
     pub redis_url: Option<String>,
+    /// PEM file of certificate authorities trusted for `rediss://`, besides
+    /// the system's (a managed Redis with a private CA).
+    pub redis_ca_file: Option<PathBuf>,
     /// This pod's name in `connection_accepted.node`; defaults to the host name.
     pub node_id: Option<String>,
     /// `auto`, `text` or `json`.
@@ -198,6 +201,7 @@ impl Default for Settings {
             default_seats: 200,
             max_body_bytes: 512 * 1024,
             redis_url: None,
+            redis_ca_file: None,
             node_id: None,
             log_format: LogFormat::Auto,
             auto_migrate: None,

@@ -154,7 +154,9 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
     let prefix = s.redis_prefix.as_str();
     let everyone = broadcast_channel(prefix, crate::realtime::NAMESPACE);
     let node_id = &settings.node_id;
-    let mut cluster = Cluster::connect(redis_url, node_id, prefix, everyone, &metrics).await?;
+    let ca_file = s.redis_ca_file.as_deref();
+    let mut cluster =
+        Cluster::connect(redis_url, node_id, prefix, everyone, ca_file, &metrics).await?;
     let adapter = RedisAdapterCtr::new_with_driver(
         cluster.driver.clone(),
         RedisAdapterConfig::new().with_prefix(prefix.to_string()),

@@ -14,7 +14,7 @@ use crate::config::KeySource;
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
     /// The PEM file could not be read.
-    #[error("cannot read the public key file {path}: {source}")]
+    #[error("cannot read the public key file {path}")]
     Read {
         /// The configured path.
         path: PathBuf,

@@ -7,16 +7,19 @@
 //! - [`store`]: seats, presence, sessions and event ids in Redis.
 
 pub mod driver;
+mod tls;
 pub mod health;
 pub mod peers;
 pub mod store;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::ClientLike;
 use fred::types::config::{Config, ReconnectPolicy};
+use fred::types::config::TlsConnector;
 use fred::types::{InfoKind, RespVersion};
 
 use crate::config::redact_url;
@@ -40,7 +43,7 @@ const RECONNECT_MAX_DELAY_MS: u32 = 1_000;
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     /// The URL is not a Redis URL fred understands.
-    #[error("CELLGATE_REDIS_URL {url} is not usable: {source}")]
+    #[error("CELLGATE_REDIS_URL {url} is not usable")]
     BadUrl {
         /// The redacted URL.
         url: String,
@@ -48,12 +51,20 @@ pub enum ClusterError {
         source: fred::error::Error,
     },
     /// Redis did not answer.
-    #[error("cannot reach Redis at {url}: {source}")]
+    #[error("cannot reach Redis at {url}")]
     Unreachable {
         /// The redacted URL.
         url: String,
         /// fred's reason.
         source: fred::error::Error,
+    },
+    /// The TLS settings of a `rediss://` URL cannot be used.
+    #[error("cannot set up TLS for Redis at {url}: {reason}")]
+    Tls {
+        /// The redacted URL.
+        url: String,
+        /// What is wrong (the CA file, the system store).
+        reason: String,
     },
     /// Redis is too old for sharded pub/sub.
     #[error(
@@ -90,6 +101,7 @@ impl Cluster {
         node_id: &str,
         prefix: &str,
         everyone: String,
+        tls_ca_file: Option<&Path>,
         metrics: &Metrics,
     ) -> Result<Self, ClusterError> {
         let shown = redact_url(url);
@@ -100,6 +112,15 @@ impl Cluster {
         // fred ignores a protocol hint in the URL; RESP3 lets one connection
         // both subscribe and publish.
         config.version = RespVersion::RESP3;
+        if config.uses_tls() {
+            let tls = tls::client_config(tls_ca_file).map_err(|reason| ClusterError::Tls {
+                url: shown.clone(),
+                reason,
+            })?;
+            config.tls = Some(TlsConnector::from(tls).into());
+        } else if tls_ca_file.is_some() {
+            tracing::warn!(redis = %shown, "CELLGATE_REDIS_CA_FILE is set but the URL is not rediss://; it is not used");
+        }
 
         let builder = || {
             let mut builder = fred::types::Builder::from_config(config.clone());
@@ -114,9 +135,22 @@ impl Cluster {
                 ));
             builder
         };
-        let unreachable = |source| ClusterError::Unreachable {
-            url: shown.clone(),
-            source,
+        let unreachable = |source: fred::error::Error| {
+            // rustls names an untrusted server certificate InvalidCertificate.
+            if config.uses_tls() && source.details().contains("Certificate") {
+                return ClusterError::Tls {
+                    url: shown.clone(),
+                    reason: format!(
+                        "the server's certificate is not trusted ({}); if a private CA signed \
+                         it, give its certificate in CELLGATE_REDIS_CA_FILE",
+                        source.details()
+                    ),
+                };
+            }
+            ClusterError::Unreachable {
+                url: shown.clone(),
+                source,
+            }
         };
         let commands = builder().build().map_err(unreachable)?;
         commands.init().await.map_err(unreachable)?;

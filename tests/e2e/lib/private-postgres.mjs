@@ -12,7 +12,7 @@
 
 import { execFile } from 'node:child_process';
 import { existsSync, readdirSync } from 'node:fs';
-import { chown, mkdtemp, rm } from 'node:fs/promises';
+import { chmod, chown, copyFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import os from 'node:os';
 import path from 'node:path';
 import { freePort } from './gateway.mjs';
@@ -36,14 +36,24 @@ function run(file, args, { asPostgres, timeout = 60_000 } = {}) {
   });
 }
 
-export async function startPrivatePostgres() {
+/**
+ * @param {object} [opts]
+ * @param {{ cert: string, key: string }} [opts.tls]  serve TLS with this
+ *   certificate and key, and refuse TCP clients that do not use it
+ */
+async function postgresIds() {
+  const { execFileSync } = await import('node:child_process');
+  const uid = Number(execFileSync('id', ['-u', 'postgres']).toString().trim());
+  const gid = Number(execFileSync('id', ['-g', 'postgres']).toString().trim());
+  return { uid, gid };
+}
+
+export async function startPrivatePostgres({ tls } = {}) {
   const bin = binDir();
   const asPostgres = process.getuid?.() === 0;
   const dir = await mkdtemp(path.join(os.tmpdir(), 'cellgate-pg-'));
   if (asPostgres) {
-    const { execFileSync } = await import('node:child_process');
-    const uid = Number(execFileSync('id', ['-u', 'postgres']).toString().trim());
-    const gid = Number(execFileSync('id', ['-g', 'postgres']).toString().trim());
+    const { uid, gid } = await postgresIds();
     await chown(dir, uid, gid);
   }
   const data = path.join(dir, 'data');
@@ -51,7 +61,22 @@ export async function startPrivatePostgres() {
   await run(path.join(bin, 'initdb'), ['-D', data, '-A', 'trust', '-U', 'postgres', '--no-sync', '-E', 'UTF8'],
     { asPostgres });
 
-  const options = `-p ${port} -k ${dir} -c listen_addresses=127.0.0.1 -c fsync=off`;
+  let options = `-p ${port} -k ${dir} -c listen_addresses=127.0.0.1 -c fsync=off`;
+  if (tls) {
+    const owner = asPostgres ? await postgresIds() : null;
+    const own = async (file, mode) => {
+      await chmod(file, mode);
+      if (owner) await chown(file, owner.uid, owner.gid);
+    };
+    for (const [from, to] of [[tls.cert, 'server.crt'], [tls.key, 'server.key']]) {
+      await copyFile(from, path.join(data, to));
+      await own(path.join(data, to), 0o600);
+    }
+    await writeFile(path.join(data, 'pg_hba.conf'),
+      'local all all trust\nhostssl all all 127.0.0.1/32 trust\nhostnossl all all 0.0.0.0/0 reject\n');
+    await own(path.join(data, 'pg_hba.conf'), 0o600);
+    options += ' -c ssl=on -c ssl_cert_file=server.crt -c ssl_key_file=server.key';
+  }
   const pg = {
     port,
     dir,
