@@ -7,10 +7,10 @@
 //! - [`store`]: seats, presence, sessions and event ids in Redis.
 
 pub mod driver;
-mod tls;
 pub mod health;
 pub mod peers;
 pub mod store;
+mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -18,8 +18,8 @@ use std::time::Duration;
 
 use fred::clients::{Client, SubscriberClient};
 use fred::interfaces::ClientLike;
-use fred::types::config::{Config, ReconnectPolicy};
 use fred::types::config::TlsConnector;
+use fred::types::config::{Config, ReconnectPolicy};
 use fred::types::{InfoKind, RespVersion};
 
 use crate::config::redact_url;

@@ -20,21 +20,29 @@ pub(super) fn client_config(ca_file: Option<&Path>) -> Result<rustls::ClientConf
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| format!("CELLGATE_REDIS_CA_FILE {shown} is not PEM: {e}"))?;
         if certs.is_empty() {
-            return Err(format!("CELLGATE_REDIS_CA_FILE {shown} holds no certificate"));
+            return Err(format!(
+                "CELLGATE_REDIS_CA_FILE {shown} holds no certificate"
+            ));
         }
         for cert in certs {
-            roots
-                .add(cert)
-                .map_err(|e| format!("CELLGATE_REDIS_CA_FILE {shown}: unusable certificate: {e}"))?;
+            roots.add(cert).map_err(|e| {
+                format!("CELLGATE_REDIS_CA_FILE {shown}: unusable certificate: {e}")
+            })?;
         }
     } else if added == 0 {
-        return Err("the system has no certificate authorities to check the server with \
+        return Err(
+            "the system has no certificate authorities to check the server with \
                     (install ca-certificates, or set CELLGATE_REDIS_CA_FILE)"
-            .into());
+                .into(),
+        );
     }
-    Ok(rustls::ClientConfig::builder_with_provider(rustls::crypto::ring::default_provider().into())
+    Ok(
+        rustls::ClientConfig::builder_with_provider(
+            rustls::crypto::ring::default_provider().into(),
+        )
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("no TLS protocol version available: {e}"))?
         .with_root_certificates(roots)
-        .with_no_client_auth())
+        .with_no_client_auth(),
+    )
 }
