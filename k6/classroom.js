@@ -93,9 +93,10 @@ if (STEADY < 1) throw new Error('need at least one steady dashboard');
 
 // Limits (README "Load tests" explains each).
 const LIMITS = {
-  deliveryP95: Number(ENV.CG_LIMIT_DELIVERY_P95_MS || 250),
+  deliveryP50: Number(ENV.CG_LIMIT_DELIVERY_P50_MS || 20),
+  deliveryP95: Number(ENV.CG_LIMIT_DELIVERY_P95_MS || 150),
   handshakeP95: Number(ENV.CG_LIMIT_HANDSHAKE_P95_MS || 500),
-  ackP95: Number(ENV.CG_LIMIT_ACK_P95_MS || 250),
+  ackP95: Number(ENV.CG_LIMIT_ACK_P95_MS || 1000),
 };
 const TOTAL_MS = P.leadMs + LESSON_END + P.tailMs;
 
@@ -133,7 +134,7 @@ export const options = {
     errors: ['rate<0.001'],
     http_req_failed: ['rate<0.001'],
     checks: ['rate==1'],
-    delivery_latency: [`p(95)<${LIMITS.deliveryP95}`],
+    delivery_latency: [`p(50)<${LIMITS.deliveryP50}`, `p(95)<${LIMITS.deliveryP95}`],
     handshake_duration: [`p(95)<${LIMITS.handshakeP95}`],
     ack_duration: [`p(95)<${LIMITS.ackP95}`],
   },
@@ -167,6 +168,15 @@ const perNode = {};
 for (const node of NODES) perNode[node] = new Counter(`dashboards_on_${node.replace(/[^A-Za-z0-9_]/g, '_')}`);
 
 const wait = sleepMs;
+
+/**
+ * A client address from a documentation range, for X-Forwarded-For: behind
+ * a proxy the gateway trusts, each student and each instructor's machine is
+ * a client of its own, as in a classroom (never an address traffic goes to).
+ */
+function clientAddress(net, n) {
+  return `${net}.${1 + (n % 254)}`;
+}
 const index = () => exec.scenario.iterationInTest;
 
 export function setup() {
@@ -181,10 +191,13 @@ export function setup() {
 
 // --- students --------------------------------------------------------------
 
+let studentAddress = '';
+
 export function student(data) {
   const seat = index() + 1;
   const plan = plans[seat - 1];
   const token = studentToken(seat);
+  studentAddress = clientAddress('192.0.2', seat - 1);
   eventsAccepted.add(0);
   postFailures.add(0);
   for (const post of plan) {
@@ -202,7 +215,11 @@ function send(post, token) {
   const events = post.events.map((e) => ({ ...e, occurred_at: occurred, k6_sent_at: sentAt }));
   const body = JSON.stringify(events.length === 1 ? events[0] : events);
   const params = {
-    headers: { Authorization: `Bearer ${token}`, 'Content-Type': 'application/json' },
+    headers: {
+      Authorization: `Bearer ${token}`,
+      'Content-Type': 'application/json',
+      'X-Forwarded-For': studentAddress,
+    },
     tags: { name: 'POST /api/v1/events' },
     timeout: '10s',
   };
@@ -332,6 +349,7 @@ export async function dashboard(data) {
     const socket = new SocketIO(BASE, {
       auth: { token },
       transport,
+      headers: { 'X-Forwarded-For': clientAddress('203.0.113', me % INSTRUCTORS.length) },
       tags: { transport },
       connectTimeoutMs: 15000,
       ackTimeoutMs: 10000,

@@ -112,8 +112,18 @@ export default async function (data) {
   else await badClient(me - VALID, transport, stormAt);
 }
 
-async function connectAndJoin(token, transport, onDone) {
-  const socket = new SocketIO(BASE, { auth: { token }, transport, tags: { transport }, connectTimeoutMs: 20000 });
+// Client addresses for X-Forwarded-For, from documentation ranges: each
+// instructor's machine has one, each bad client another.
+const address = (net, n) => `${net}.${1 + (n % 254)}`;
+
+async function connectAndJoin(token, transport, xff, onDone) {
+  const socket = new SocketIO(BASE, {
+    auth: { token },
+    transport,
+    headers: { 'X-Forwarded-For': xff },
+    tags: { transport },
+    connectTimeoutMs: 20000,
+  });
   const started = Date.now();
   const accepted = await socket.connect();
   onDone(accepted.timings.total);
@@ -124,11 +134,12 @@ async function connectAndJoin(token, transport, onDone) {
 
 async function validDashboard(me, transport, stormAt) {
   const token = minter.instructor(INSTRUCTORS[me % INSTRUCTORS.length]);
+  const xff = address('203.0.113', me % INSTRUCTORS.length);
   // Before the storm: dashboards open over the lead, a little apart.
   await wait(stormAt(0) - SHAPE.leadMs + 500 + Math.floor((me * SHAPE.leadMs * 0.6) / VALID) - Date.now());
   let socket = null;
   try {
-    ({ socket } = await connectAndJoin(token, transport, (ms) => firstHandshake.add(ms, { transport })));
+    ({ socket } = await connectAndJoin(token, transport, xff, (ms) => firstHandshake.add(ms, { transport })));
   } catch (e) {
     errors.add(true);
     console.error(`dashboard ${me} could not connect before the storm: ${e.code || e}`);
@@ -140,7 +151,7 @@ async function validDashboard(me, transport, stormAt) {
     if (socket) socket.drop();
     socket = null;
     try {
-      const rejoined = await connectAndJoin(token, transport, (ms) => stormHandshake.add(ms, { transport }));
+      const rejoined = await connectAndJoin(token, transport, xff, (ms) => stormHandshake.add(ms, { transport }));
       socket = rejoined.socket;
       stormRejoin.add(rejoined.rejoinMs, { transport });
       validRejoined.add(1);
@@ -163,6 +174,7 @@ async function badClient(n, transport, stormAt) {
     const socket = new SocketIO(BASE, {
       auth: bad.token === null ? null : { token: bad.token },
       transport,
+      headers: { 'X-Forwarded-For': address('198.51.100', n) },
       tags: { transport },
       connectTimeoutMs: 20000,
     });

@@ -3,8 +3,9 @@
 # (real PostgreSQL and SQLite, a real OTLP receiver), the end-to-end suite
 # with the real socket.io-client against the built gateway, the cluster
 # suite (several pods, Redis faults, nginx, drain), the observability suite
-# (promtool, a real Prometheus) and the Helm chart suite (the real Helm
-# engine, Kubernetes schemas).
+# (promtool, a real Prometheus), the Helm chart suite (the real Helm
+# engine, Kubernetes schemas) and the k6 load smoke (two release pods behind
+# nginx; its thresholds fail the run on a single lost event).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,3 +31,6 @@ tests/observability/run.sh
 
 echo "== Helm chart and Dockerfile"
 tests/helm/run.sh
+
+echo "== load smoke (k6: classroom fan-out and handshake storm, two pods behind nginx)"
+k6/run.sh --smoke

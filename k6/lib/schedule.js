@@ -188,9 +188,10 @@ export function buildPlans(profile, { classroom, runId, seed }) {
         if (upcoming) t = upcoming.start;
       }
       // Help: one student in helpEvery per phase, chosen by seat so that every
-      // phase has some. Requests come early enough to be claimed in the phase.
+      // phase has some. Requests come in the first 40 % of the phase, so
+      // that they are claimed and cancelled within it.
       if ((seat + 3 * w.index) % profile.helpEvery === 0) {
-        const at = w.start + Math.floor(random() * (profile.phaseMs * 0.6));
+        const at = w.start + Math.floor(random() * (profile.phaseMs * 0.4));
         const request = {
           id: nextId(),
           type: 'help_requested',
@@ -199,9 +200,11 @@ export function buildPlans(profile, { classroom, runId, seed }) {
         };
         posts.push({ at, events: [request], help: true });
         if (random() < 0.3) {
-          // Figured it out: cancels while the instructor walks over.
+          // Figured it out after all. Dashboards claim within 1.5 s of the
+          // request; 6 s later the claim has been decided, so the claim's
+          // outcome does not race the cancellation.
           const cancel = { id: nextId(), type: 'help_cancelled', ...base, request_id: request.id };
-          posts.push({ at: Math.min(at + 3000 + Math.floor(random() * 3000), w.end - 1), events: [cancel] });
+          posts.push({ at: Math.min(at + 6000 + Math.floor(random() * 2000), w.end - 1), events: [cancel] });
         }
       }
     }
