@@ -43,7 +43,8 @@ Environment:
   CELLGATE_NODE_ID                this pod's name [host name]
   CELLGATE_LOG_FORMAT             auto, text or json [auto]
   CELLGATE_AUTO_MIGRATE           apply migrations at start [true in dev]
-  CELLGATE_REDIS_URL              redis://…: cluster mode (several pods; Redis 7 or later)
+  CELLGATE_REDIS_URL              redis://… or rediss://… (TLS): cluster mode (several pods; Redis 7 or later)
+  CELLGATE_REDIS_CA_FILE          rediss://: PEM file of CAs trusted besides the system's (a private CA)
   CELLGATE_DRAIN_SECS             on SIGTERM, close connections spread over this window [10]
   CELLGATE_SESSION_TTL_SECS       cluster mode: a crashed pod's dashboards leave presence after this [30]
   CELLGATE_REDIS_PREFIX           cluster mode: prefix of Redis keys and channels; one cluster per prefix [cellgate]
