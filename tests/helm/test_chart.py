@@ -341,6 +341,80 @@ def test_public_key_is_mounted_where_the_setting_points(render):
         assert f"{mount['mountPath']}/{item['path']}" == path
 
 
+CA_DIR = "/etc/cellgate/ca"
+
+
+def _ca_mounts(workload: dict[str, Any]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    spec = pod_spec(workload)
+    mounts = [m for c in spec["containers"] for m in c.get("volumeMounts", []) if m["mountPath"] == CA_DIR]
+    names = {m["name"] for m in mounts}
+    return mounts, [v for v in spec["volumes"] if v["name"] in names]
+
+
+def test_no_ca_certificates_by_default(render):
+    rendered = render(deep_merge(WITH_SECRETS, WITH_REDIS))
+    for workload in (rendered.deployment, rendered.job):
+        assert _ca_mounts(workload) == ([], [])
+        assert not any(v["name"] == "ca-certificates" for v in pod_spec(workload)["volumes"])
+    assert "CELLGATE_REDIS_CA_FILE" not in rendered.one("ConfigMap")["data"]
+    assert "CELLGATE_REDIS_CA_FILE" not in env_of(container(rendered.job, "migrate"))
+
+
+@pytest.mark.parametrize(
+    "tls, source",
+    [
+        ({"caSecret": "cellgate-ca"}, {"secret": {"secretName": "cellgate-ca"}}),
+        ({"caConfigMap": "cellgate-ca"}, {"configMap": {"name": "cellgate-ca"}}),
+    ],
+    ids=["secret", "configmap"],
+)
+def test_ca_certificates_are_mounted_read_only_for_gateway_and_migration(render, tls, source):
+    # The migration connects to PostgreSQL too, so it needs the CA of an
+    # sslrootcert= in the database URL as much as the gateway does.
+    values = deep_merge(WITH_SECRETS, {"tls": tls})
+    values["secrets"]["databaseUrl"] += f"?sslmode=verify-full&sslrootcert={CA_DIR}/ca.pem"
+    rendered = render(values)
+    for workload in (rendered.deployment, rendered.job):
+        mounts, volumes = _ca_mounts(workload)
+        assert len(mounts) == 1, workload["kind"]
+        assert mounts[0]["readOnly"] is True
+        assert "subPath" not in mounts[0]
+        assert len(volumes) == 1
+        volume = {k: v for k, v in volumes[0].items() if k != "name"}
+        assert volume == source, volume
+    # Without tls.redisCaKey the Redis client keeps to the system's CAs.
+    assert "CELLGATE_REDIS_CA_FILE" not in rendered.one("ConfigMap")["data"]
+
+
+def test_redis_ca_key_sets_the_ca_file_to_the_mounted_file(render):
+    values = deep_merge(WITH_SECRETS, {
+        "replicaCount": 2,
+        "secrets": {"redisUrl": "rediss://:pw@redis.example.internal:6380/0"},
+        "tls": {"caConfigMap": "cellgate-ca", "redisCaKey": "redis-ca.pem"},
+    })
+    rendered = render(values)
+    path = f"{CA_DIR}/redis-ca.pem"
+    assert rendered.one("ConfigMap")["data"]["CELLGATE_REDIS_CA_FILE"] == path
+    mounts, _ = _ca_mounts(rendered.deployment)
+    assert path.startswith(mounts[0]["mountPath"] + "/")
+    # The gateway reads the ConfigMap; the migration hook, run before it
+    # exists, has the same settings inline (it does not use this one).
+    configmap = rendered.one("ConfigMap")["metadata"]["name"]
+    assert rendered.gateway_container["envFrom"] == [{"configMapRef": {"name": configmap}}]
+    assert env_of(container(rendered.job, "migrate"))["CELLGATE_REDIS_CA_FILE"]["value"] == path
+    # The rediss:// URL reaches the pods through the chart-made Secret.
+    import base64
+    data = rendered.one("Secret", RELEASE)["data"]
+    assert base64.b64decode(data["CELLGATE_REDIS_URL"]).decode().startswith("rediss://")
+
+
+def test_a_new_redis_ca_key_rolls_the_pods(render):
+    base = deep_merge(WITH_SECRETS, {"tls": {"caSecret": "cellgate-ca"}})
+    before = render(base).deployment["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    after = render(deep_merge(base, {"tls": {"redisCaKey": "ca.pem"}})).deployment
+    assert after["spec"]["template"]["metadata"]["annotations"]["checksum/config"] != before
+
+
 def test_node_id_and_redis_only_where_needed(render):
     rendered = render(deep_merge(WITH_SECRETS, WITH_REDIS))
     job_env = env_of(container(rendered.job, "migrate"))
@@ -836,6 +910,10 @@ def test_alert_rules_pass_promtool(render, name, tmp_path):
         ({"httpRoute": {"enabled": True}}, "parentRefs"),
         ({"autoscaling": {"enabled": True, "minReplicas": 5, "maxReplicas": 3},
           "secrets": {"redisUrl": "redis://r:6379"}}, "must not exceed"),
+        ({"tls": {"caSecret": "ca", "caConfigMap": "ca"}}, "choose one"),
+        ({"tls": {"redisCaKey": "ca.pem"}}, "set tls.caSecret or tls.caConfigMap"),
+        ({"tls": {"caSecret": "ca", "redisCaKey": "ca.pem"}, "secrets": {"redisUrl": "redis://r:6379"}},
+         "not rediss://"),
     ],
 )
 def test_inconsistent_values_are_refused_with_a_reason(chart, values, message):

@@ -20,11 +20,12 @@ BAD_VALUES = [
     pytest.param({"config": {"maxBodyBytes": "512k"}}, "/config/maxBodyBytes", id="string-for-body-limit"),
     pytest.param({"secrets": {"databaseUrl": "mysql://u:p@h/db"}}, "/secrets/databaseUrl", id="not-postgres"),
     pytest.param({"secrets": {"redisURL": "redis://r"}}, "'redisURL' not allowed", id="misspelt-secret-key"),
-    # The gateway's Redis client is built without TLS: a rediss:// URL would be
-    # dialled in plain text (checked against a real Redis), so it is refused.
-    pytest.param({"secrets": {"redisUrl": "rediss://:pw@redis.example:6380/0"}}, "/secrets/redisUrl",
-                 id="rediss-without-tls-support"),
     pytest.param({"secrets": {"redisUrl": "http://redis:6379"}}, "/secrets/redisUrl", id="not-redis"),
+    pytest.param({"secrets": {"redisUrl": "https://redis.example:6380"}}, "/secrets/redisUrl",
+                 id="https-is-not-rediss"),
+    pytest.param({"tls": {"caSecret": "Private CA"}}, "/tls/caSecret", id="bad-ca-secret-name"),
+    pytest.param({"tls": {"redisCaKey": "certs/ca.pem"}}, "/tls/redisCaKey", id="ca-key-with-a-slash"),
+    pytest.param({"tls": {"caFile": "/ca.pem"}}, "'caFile' not allowed", id="unknown-tls-key"),
     pytest.param({"service": {"port": "80"}}, "/service/port", id="string-for-port"),
     pytest.param({"service": {"port": 70000}}, "/service/port", id="port-out-of-range"),
     pytest.param({"image": {"pullPolicy": "Sometimes"}}, "/image/pullPolicy", id="bad-pull-policy"),
@@ -73,6 +74,23 @@ def test_good_values_pass(chart, name):
     chart.validate_schema(PROFILES[name])
 
 
+GOOD_VALUES = [
+    # The gateway has a TLS client for Redis since afe2821 (tests/e2e/tls.test.mjs).
+    pytest.param({"secrets": {"redisUrl": "rediss://:pw@redis.example:6380/0"}}, id="rediss"),
+    pytest.param({"secrets": {"redisUrl": "redis://redis.example:6379/0"}}, id="redis"),
+    pytest.param({"secrets": {"databaseUrl": "postgres://u:p@db.example:5432/cellgate"
+                                             "?sslmode=verify-full&sslrootcert=/etc/cellgate/ca/ca.pem"}},
+                 id="postgres-verify-full"),
+    pytest.param({"tls": {"caSecret": "cellgate-ca", "redisCaKey": "redis-ca.pem"}}, id="ca-secret"),
+    pytest.param({"tls": {"caConfigMap": "cellgate-ca"}}, id="ca-configmap"),
+]
+
+
+@pytest.mark.parametrize("values", GOOD_VALUES)
+def test_tls_values_pass(chart, values):
+    chart.validate_schema(values)
+
+
 def test_schema_covers_every_default_value(chart):
     """Each key of values.yaml is declared in the schema (so additionalProperties
     false never refuses a documented value), and the main objects are closed."""
@@ -93,7 +111,8 @@ def test_schema_covers_every_default_value(chart):
 
     walk(chart.values, schema, "")
     closed = ["", "image", "config", "config.jwt", "secrets", "service", "ingress", "ingress.nginx",
-              "httpRoute", "autoscaling", "metrics", "metrics.prometheusRule", "networkPolicy", "migrations"]
+              "tls", "httpRoute", "autoscaling", "metrics", "metrics.prometheusRule", "networkPolicy",
+              "migrations"]
     for path in closed:
         node = schema
         for part in filter(None, path.split(".")):

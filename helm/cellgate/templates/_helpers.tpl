@@ -70,6 +70,18 @@ app.kubernetes.io/component: gateway
 {{- define "cellgate.publicKeyDir" -}}/etc/cellgate/jwt{{- end }}
 
 {{/*
+Where the CA certificates of tls.caSecret or tls.caConfigMap are mounted, one
+file per key. Fixed, so that a database URL can name
+sslrootcert=/etc/cellgate/ca/<key>.
+*/}}
+{{- define "cellgate.caDir" -}}/etc/cellgate/ca{{- end }}
+
+{{/* True (non-empty) when CA certificates are mounted. */}}
+{{- define "cellgate.caMounted" -}}
+{{- if or .Values.tls.caSecret .Values.tls.caConfigMap }}true{{ end }}
+{{- end }}
+
+{{/*
 Seconds Kubernetes gives a terminating pod, preStop sleep included; explicit or
 derived from the drain window. After the window the gateway needs up to about
 5 s more (in-flight requests, closing its clients), hence the margin.
@@ -113,6 +125,15 @@ Deployment so that every render runs them.
 {{- if and .Values.httpRoute.enabled (not .Values.httpRoute.parentRefs) }}
 {{- fail "httpRoute.enabled needs httpRoute.parentRefs (the Gateway to attach to)" }}
 {{- end }}
+{{- if and .Values.tls.caSecret .Values.tls.caConfigMap }}
+{{- fail "tls.caSecret and tls.caConfigMap are both set: the CA certificates are mounted from one of them, choose one" }}
+{{- end }}
+{{- if and .Values.tls.redisCaKey (not (include "cellgate.caMounted" .)) }}
+{{- fail "tls.redisCaKey names a file of the mounted CA certificates: set tls.caSecret or tls.caConfigMap too" }}
+{{- end }}
+{{- if and .Values.tls.redisCaKey $s.redisUrl (not (hasPrefix "rediss://" $s.redisUrl)) }}
+{{- fail "tls.redisCaKey is set but secrets.redisUrl is not rediss://: the gateway uses CELLGATE_REDIS_CA_FILE only for TLS, give the rediss:// URL" }}
+{{- end }}
 {{- $hours := .Values.metrics.prometheusRule.noDashboards.classHours }}
 {{- if ge (int $hours.startHour) (int $hours.endHour) }}
 {{- fail "metrics.prometheusRule.noDashboards.classHours.startHour must be before endHour" }}
@@ -147,6 +168,9 @@ CELLGATE_JWT_ALGORITHMS: {{ toJson . | quote }}
 {{- end }}
 {{- if .Values.config.jwt.publicKey.secretName }}
 CELLGATE_JWT_PUBLIC_KEY_FILE: {{ printf "%s/%s" (include "cellgate.publicKeyDir" .) .Values.config.jwt.publicKey.key | quote }}
+{{- end }}
+{{- with .Values.tls.redisCaKey }}
+CELLGATE_REDIS_CA_FILE: {{ printf "%s/%s" (include "cellgate.caDir" $) . | quote }}
 {{- end }}
 {{- end }}
 
@@ -260,6 +284,16 @@ seccompProfile:
       - key: {{ .Values.config.jwt.publicKey.key }}
         path: {{ .Values.config.jwt.publicKey.key }}
 {{- end }}
+{{- with .Values.tls.caSecret }}
+- name: ca-certificates
+  secret:
+    secretName: {{ . }}
+{{- end }}
+{{- with .Values.tls.caConfigMap }}
+- name: ca-certificates
+  configMap:
+    name: {{ . }}
+{{- end }}
 {{- end }}
 
 {{- define "cellgate.volumeMounts" -}}
@@ -268,6 +302,11 @@ seccompProfile:
 {{- if .Values.config.jwt.publicKey.secretName }}
 - name: jwt-public-key
   mountPath: {{ include "cellgate.publicKeyDir" . }}
+  readOnly: true
+{{- end }}
+{{- if include "cellgate.caMounted" . }}
+- name: ca-certificates
+  mountPath: {{ include "cellgate.caDir" . }}
   readOnly: true
 {{- end }}
 {{- end }}
