@@ -128,7 +128,7 @@ unset CELLGATE_REDIS_URL CELLGATE_REDIS_PREFIX CELLGATE_NODE_ID CELLGATE_LISTEN_
 
 # --- the directory: instructors, classrooms, staff ---------------------------
 
-if [ $MODE = smoke ]; then DASHBOARDS=6 STORM_VALID=40 STORM_INVALID=20; else DASHBOARDS=20 STORM_VALID=150 STORM_INVALID=50; fi
+if [ $MODE = smoke ]; then STUDENTS=40 DASHBOARDS=6 STORM_VALID=40 STORM_INVALID=20; else STUDENTS=200 DASHBOARDS=20 STORM_VALID=150 STORM_INVALID=50; fi
 log "seeding: $DASHBOARDS instructors, classroom $CLASSROOM (200 seats), storm classroom"
 EMAILS=()
 for i in $(seq -w 1 "$DASHBOARDS"); do
@@ -149,8 +149,24 @@ done
 INACTIVE="retired@$RUN_ID.k6.test"
 "$BIN" instructors add "$INACTIVE" --name "Retired Instructor" >/dev/null
 "$BIN" instructors deactivate "$INACTIVE" >/dev/null
-# A token from the CLI must be one k6's minting agrees with: the gateway
-# accepts both (checked by the scenarios' handshakes and by this token).
+# The classroom signs in with tokens from `cellgate token` (a file, as for
+# a gateway whose tokens come from elsewhere); the storm mints its own in k6,
+# valid and broken ones alike. Both kinds must be accepted.
+log "minting $STUDENTS student and $DASHBOARDS instructor tokens with cellgate token"
+{
+  echo '{"instructors": {'
+  sep=
+  for email in "${EMAILS[@]}"; do
+    printf '%s"%s": "%s"\n' "$sep" "$email" "$("$BIN" token instructor "$email")"; sep=,
+  done
+  echo '}, "students": {'
+  sep=
+  for seat in $(seq 1 "$STUDENTS"); do
+    id=$(printf 's-%04d' "$seat")
+    printf '%s"%s": "%s"\n' "$sep" "$id" "$("$BIN" token student "$id" --classroom "$CLASSROOM" --seat "$seat")"; sep=,
+  done
+  echo '}}'
+} >"$WORK/tokens.json"
 CLI_TOKEN=$("$BIN" token instructor "${EMAILS[0]}")
 
 # --- two pods and nginx --------------------------------------------------------
@@ -273,7 +289,8 @@ run_k6() { # name, script, extra env...
 }
 
 if [ "$ONLY" != storm ]; then
-  CLASSROOM_ENV=(CG_CLASSROOM="$CLASSROOM" CG_INSTRUCTORS="$(IFS=,; echo "${EMAILS[*]}")")
+  CLASSROOM_ENV=(CG_CLASSROOM="$CLASSROOM" CG_INSTRUCTORS="$(IFS=,; echo "${EMAILS[*]}")"
+    CG_STUDENTS="$STUDENTS" CG_DASHBOARDS="$DASHBOARDS" CG_TOKENS_FILE="$WORK/tokens.json")
   case $BREAK in
     other-classroom) CLASSROOM_ENV+=(CG_BREAK=other_classroom CG_DECOY_CLASSROOM="$DECOY_CLASSROOM") ;;
     drop-one) CLASSROOM_ENV+=(CG_BREAK=drop_one) ;;
