@@ -114,7 +114,7 @@ def _guide_values_files() -> dict[str, dict[str, Any]]:
 
 def test_the_guide_shows_its_values_files():
     assert {"cellgate-values.yaml", "values-gateway-api.yaml", "values-monitoring.yaml",
-            "values-netpol.yaml", "values-sso.yaml"} <= set(_guide_values_files())
+            "values-netpol.yaml", "values-sso.yaml", "values-tls.yaml"} <= set(_guide_values_files())
 
 
 def test_every_values_file_used_in_a_command_is_shown():
@@ -131,9 +131,10 @@ def _combinations() -> dict[str, dict[str, Any]]:
     # Layered the way an operator would: the first values file, then the
     # optional ones (the HTTPRoute one replaces the Ingress, so it goes alone).
     layered: dict[str, Any] = {}
-    for name in ("cellgate-values.yaml", "values-sso.yaml", "values-monitoring.yaml", "values-netpol.yaml"):
+    for name in ("cellgate-values.yaml", "values-sso.yaml", "values-monitoring.yaml", "values-netpol.yaml",
+                 "values-tls.yaml"):
         layered = deep_merge(layered, files[name])
-    combos["cellgate-values.yaml + sso + monitoring + netpol"] = layered
+    combos["cellgate-values.yaml + sso + monitoring + netpol + tls"] = layered
     return combos
 
 
@@ -170,3 +171,25 @@ def test_objects_named_in_commands_exist(chart):
                 for name in re.findall(r"\bget hpa ([a-z0-9-]+)", line):
                     assert ("HorizontalPodAutoscaler", name) in names, f"{doc}: {line}"
     assert seen >= 5
+
+
+def test_ca_paths_in_the_docs_are_where_the_chart_mounts_the_cas(chart):
+    """sslrootcert= in a URL of the docs points into the directory where
+    values-tls.yaml mounts the CA files, in the gateway pods and the migration Job."""
+    rendered = Rendered(chart.render(_guide_values_files()["values-tls.yaml"], name=RELEASE,
+                                     namespace=NAMESPACE))
+    dirs = set()
+    for workload in (rendered.deployment, rendered.job):
+        volumes = {v["name"] for v in workload["spec"]["template"]["spec"]["volumes"]
+                   if "configMap" in v or "secret" in v}
+        for c in workload["spec"]["template"]["spec"]["containers"]:
+            dirs |= {m["mountPath"] for m in c["volumeMounts"] if m["name"] in volumes and m["readOnly"]}
+    ca_dir = "/etc/cellgate/ca"
+    assert dirs == {ca_dir}
+    assert rendered.one("ConfigMap")["data"]["CELLGATE_REDIS_CA_FILE"].startswith(ca_dir + "/")
+    seen = 0
+    for doc, text in _docs().items():
+        for path in re.findall(r"sslrootcert=([^&\s`'\"]+)", text):
+            assert path.startswith(ca_dir + "/") or path == "/path/to/ca.pem", f"{doc}: sslrootcert={path}"
+            seen += 1
+    assert seen >= 3
