@@ -32,8 +32,9 @@
 //!   queries PostgreSQL) and *warm* (one instructor, cached). Rate =
 //!   sockets / wall time; latency from before the TCP connect to
 //!   `connection_accepted`.
-//! - **fanout**: `--dashboards` dashboards (one instructor each) join one
-//!   200-seat classroom; students post `cell_executed` (one per POST) at a
+//! - **fanout**: `--dashboards` dashboards (one instructor each, or all
+//!   one with `--one-instructor`) join one 200-seat classroom and the
+//!   `instructor_status` announcements of their joins are let through; students post `cell_executed` (one per POST) at a
 //!   rate that doubles each step of `--step-secs` until a step fails (p99 ≥
 //!   `--p99-limit-ms`, a delivery lost, a POST not answered 202, or the
 //!   gateway unable to keep up with the schedule), then is bisected
@@ -133,8 +134,9 @@ struct Args {
     /// memory: counts at which RSS is read on the way.
     #[arg(long, value_delimiter = ',', default_value = "1000,5000")]
     checkpoints: Vec<usize>,
-    /// memory: every connection is the same instructor (one directory
-    /// cache entry) instead of a different one each.
+    /// memory, fanout: every connection is the same instructor (one
+    /// directory cache entry, one presence announcement) instead of a
+    /// different one each.
     #[arg(long)]
     one_instructor: bool,
     /// memory: seconds to wait before reading RSS.
@@ -440,6 +442,7 @@ struct FanoutRun {
     stopped: String,
     join_secs: f64,
     settle_secs: f64,
+    join_retries: u64,
     load_before: String,
     load_after: String,
 }
@@ -481,7 +484,7 @@ impl Bench<'_> {
             classroom: Some(classroom),
             first: 0,
             count: dashboards,
-            one_instructor: false,
+            one_instructor: args.one_instructor,
             in_flight: args.in_flight,
         };
         let audience =
@@ -502,6 +505,7 @@ impl Bench<'_> {
             stopped: String::new(),
             join_secs: audience.join_secs,
             settle_secs: audience.settle_secs,
+            join_retries: audience.join_retries,
             load_before: String::new(),
             load_after: String::new(),
         };
@@ -600,7 +604,11 @@ impl Bench<'_> {
             ));
         }
         if r.lost() > 0 {
-            return Some(format!("{} deliveries lost", r.lost()));
+            return Some(format!(
+                "{} deliveries lost ({} cluster messages dropped)",
+                r.lost(),
+                r.cluster_dropped
+            ));
         }
         if r.behind > 0 || r.post_secs > plan.secs * 1.05 + 0.2 {
             return Some(format!(
@@ -790,8 +798,16 @@ fn print_report(args: &Args, report: &Report) {
     for f in &report.fanout {
         println!();
         println!(
-            "Fan-out: {} dashboards on {} pod(s), {} seats posting one cell_executed per POST; pass = p99 < {} ms, nothing lost, every POST 202, on schedule",
-            f.dashboards, f.pods, args.seats, args.p99_limit_ms
+            "Fan-out: {} dashboards ({}) on {} pod(s), {} seats posting one cell_executed per POST; pass = p99 < {} ms, nothing lost, every POST 202, on schedule",
+            f.dashboards,
+            if args.one_instructor {
+                "all one instructor"
+            } else {
+                "one instructor each"
+            },
+            f.pods,
+            args.seats,
+            args.p99_limit_ms
         );
         println!(
             "{:>9} {:>12} {:>6} {:>7} {:>7} {:>7} {:>8} {:>8} {:>7} {:>10} {:>8}  verdict",
@@ -826,8 +842,8 @@ fn print_report(args: &Args, report: &Report) {
             );
         }
         println!(
-            "   {} dashboards connected and joined in {:.1} s, then {:.1} s until the instructor_status announcements stopped",
-            f.dashboards, f.join_secs, f.settle_secs
+            "   {} dashboards connected and joined in {:.1} s ({} joins answered unavailable and retried), then {:.1} s until the instructor_status announcements stopped",
+            f.dashboards, f.join_secs, f.join_retries, f.settle_secs
         );
         match &f.best {
             Some(b) => println!(

@@ -337,7 +337,8 @@ fn print_report(args: &Args, runs: &[Run]) {
         let pods: Vec<String> = r.pod_cpu.iter().map(|c| format!("{:.2} s", c)).collect();
         println!(
             "{:<12} posted {} (not 202: {}{}), behind schedule {}, posting took {:.1} s; \
-             gateway CPU per pod {} ({:.0}% in the kernel); unmatched frames {}; dashboards dropped {}",
+             gateway CPU per pod {} ({:.0}% in the kernel); unmatched frames {}; dashboards dropped {}; \
+             cluster messages dropped {}, publish errors {}",
             "",
             r.posted,
             r.rejected,
@@ -351,6 +352,8 @@ fn print_report(args: &Args, runs: &[Run]) {
             r.sys_share(),
             r.unmatched,
             r.dropped,
+            r.cluster_dropped,
+            r.publish_errors,
         );
     }
     println!(

@@ -120,15 +120,25 @@ pub async fn emit_with_ack(ws: &mut Ws, id: u32, event: &str, payload: Value) ->
     }
 }
 
-/// `join_classroom`, checking that it was accepted.
-pub async fn join_classroom(ws: &mut Ws, classroom: &str) -> Result<()> {
-    let answer = emit_with_ack(ws, 1, "join_classroom", json!({ "classroom": classroom })).await?;
-    ensure!(
-        answer["ok"] == true,
-        "join_classroom refused: {}",
-        answer.get("error").unwrap_or(&answer)
-    );
-    Ok(())
+/// `join_classroom`, retried (with a growing pause) while the gateway
+/// answers `unavailable`, as a dashboard would; returns how many retries it
+/// took.
+pub async fn join_classroom(ws: &mut Ws, classroom: &str) -> Result<u32> {
+    const RETRIES: u32 = 10;
+    for attempt in 0..=RETRIES {
+        let payload = json!({ "classroom": classroom });
+        let answer = emit_with_ack(ws, attempt + 1, "join_classroom", payload).await?;
+        if answer["ok"] == true {
+            return Ok(attempt);
+        }
+        ensure!(
+            answer["error"] == "unavailable" && attempt < RETRIES,
+            "join_classroom refused: {}",
+            answer.get("error").unwrap_or(&answer)
+        );
+        tokio::time::sleep(Duration::from_millis(100 * u64::from(attempt + 1))).await;
+    }
+    unreachable!("the last attempt returns or fails")
 }
 
 /// The next text frame; control frames are skipped.

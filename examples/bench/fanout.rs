@@ -24,7 +24,7 @@ use tokio::task::JoinSet;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::client::{Connector, Minter, Ws, check_accepted, handshake, join_classroom};
-use super::gateway::{Gateway, GatewayEnv, ProcStats};
+use super::gateway::{Gateway, GatewayEnv, ProcStats, metric};
 use super::pg::instructor_email;
 use super::stats::Histogram;
 
@@ -190,6 +190,8 @@ pub struct Audience {
     pub join_secs: f64,
     /// Seconds after that until no frame had arrived for a while.
     pub settle_secs: f64,
+    /// Joins answered `unavailable` and tried again.
+    pub join_retries: u64,
 }
 
 /// Which dashboards to connect, and what they do once connected.
@@ -231,23 +233,26 @@ pub async fn connect_audience(
             async move {
                 let (mut ws, _, accepted) = handshake(&connector, &token).await?;
                 check_accepted(&accepted, &instructor_email(who))?;
-                if let Some(classroom) = classroom {
-                    join_classroom(&mut ws, &classroom).await?;
-                }
-                Ok::<_, anyhow::Error>(ws)
+                let retries = match classroom {
+                    Some(classroom) => join_classroom(&mut ws, &classroom).await?,
+                    None => 0,
+                };
+                Ok::<_, anyhow::Error>((ws, retries))
             }
         })
         .buffer_unordered(join.in_flight.max(1));
     let mut joined = 0;
-    while let Some(ws) = joining.next().await {
-        let ws = ws.with_context(|| format!("dashboard {} of {count}", joined + 1))?;
+    let mut join_retries = 0;
+    while let Some(done) = joining.next().await {
+        let (ws, retries) = done.with_context(|| format!("dashboard {} of {count}", joined + 1))?;
+        join_retries += u64::from(retries);
         tally.connected.fetch_add(1, Ordering::Relaxed);
         tasks.spawn(watch(ws, tally.clone()));
         joined += 1;
         if last.elapsed() >= Duration::from_secs(1) {
             last = Instant::now();
             progress(&format!(
-                "{phase}: connecting {joined}/{count} ({:.0}/s)",
+                "{phase}: connecting {joined}/{count} ({:.0}/s), {join_retries} joins retried",
                 joined as f64 / started.elapsed().as_secs_f64()
             ));
         }
@@ -267,7 +272,8 @@ pub async fn connect_audience(
     }
     let settle_secs = quiet_from.elapsed().as_secs_f64();
     progress(&format!(
-        "{phase}: {joined} connected{} in {join_secs:.1} s, quiet {settle_secs:.1} s later",
+        "{phase}: {joined} connected{} in {join_secs:.1} s, quiet {settle_secs:.1} s later; \
+         {join_retries} joins answered unavailable and retried",
         if classroom.is_some() {
             " and joined"
         } else {
@@ -279,6 +285,7 @@ pub async fn connect_audience(
         size: joined,
         join_secs,
         settle_secs,
+        join_retries,
     })
 }
 
@@ -389,6 +396,10 @@ pub struct StepResult {
     pub wall: f64,
     /// Dashboards that disconnected during the step.
     pub dropped: usize,
+    /// `cellgate_cluster_messages_dropped_total` increase, all pods.
+    pub cluster_dropped: f64,
+    /// `cellgate_cluster_publish_errors_total` increase, all pods.
+    pub publish_errors: f64,
 }
 
 impl StepResult {
@@ -487,6 +498,7 @@ impl Poster {
             bail!("step {} was run already", plan.step);
         }
         let dropped_before = tally.dropped.load(Ordering::Relaxed);
+        let cluster_before = self.cluster_counters(pods).await;
         let cpu_before = pod_stats(pods)?;
         let own_before = ProcStats::own()?;
 
@@ -563,8 +575,9 @@ impl Poster {
         let wall = started.elapsed().as_secs_f64();
         let cpu_after = pod_stats(pods)?;
         let own_after = ProcStats::own()?;
+        let cluster_after = self.cluster_counters(pods).await;
         let first_error = first_error.lock().expect("lock").clone();
-        Ok(StepResult {
+        let result = StepResult {
             rate: plan.rate,
             posted: n as u64,
             accepted: accepted.load(Ordering::Relaxed),
@@ -594,7 +607,56 @@ impl Poster {
             own_cpu: own_after.cpu_secs - own_before.cpu_secs,
             wall,
             dropped: tally.dropped.load(Ordering::Relaxed) - dropped_before,
-        })
+            cluster_dropped: cluster_after.0 - cluster_before.0,
+            publish_errors: cluster_after.1 - cluster_before.1,
+        };
+        if result.lost() > 0 || result.cluster_dropped > 0.0 || result.publish_errors > 0.0 {
+            report_losses(&result, pods);
+        }
+        Ok(result)
+    }
+
+    /// `(messages dropped, publish errors)` summed over the pods.
+    async fn cluster_counters(&self, pods: &[Pod]) -> (f64, f64) {
+        let mut sums = (0.0, 0.0);
+        for pod in pods {
+            let scraped = self.http.get(pod.env.metrics_url()).send().await;
+            let Ok(text) = (match scraped {
+                Ok(r) => r.text().await,
+                Err(e) => Err(e),
+            }) else {
+                continue;
+            };
+            sums.0 += metric(&text, "cellgate_cluster_messages_dropped_total").unwrap_or(0.0);
+            sums.1 += metric(&text, "cellgate_cluster_publish_errors_total").unwrap_or(0.0);
+        }
+        sums
+    }
+}
+
+/// Says what the gateways counted and logged about deliveries that did not
+/// arrive.
+fn report_losses(r: &StepResult, pods: &[Pod]) {
+    progress(&format!(
+        "LOSS: {} deliveries expected but not received; gateways counted {} cluster messages \
+         dropped and {} publish errors",
+        r.lost(),
+        r.cluster_dropped,
+        r.publish_errors
+    ));
+    for pod in pods {
+        for needle in ["dropped", "not forwarded", "publish failed", "missed"] {
+            let (lines, count) = pod.gateway.log_matching(needle, 3);
+            if count > 0 {
+                progress(&format!(
+                    "  {} log, {count} line(s) with {needle:?}:",
+                    pod.node
+                ));
+                for line in lines {
+                    progress(&format!("    {line}"));
+                }
+            }
+        }
     }
 }
 

@@ -228,6 +228,15 @@ impl Gateway {
         }
     }
 
+    /// Up to `max` lines of the gateway's log that contain `needle`, and how
+    /// many there are in all.
+    pub fn log_matching(&self, needle: &str, max: usize) -> (Vec<String>, usize) {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let all: Vec<&str> = text.lines().filter(|l| l.contains(needle)).collect();
+        let shown = all.iter().take(max).map(|l| l.to_string()).collect();
+        (shown, all.len())
+    }
+
     /// The last lines of the gateway's log.
     pub fn log_tail(&self, lines: usize) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
@@ -299,6 +308,13 @@ fn clock_ticks() -> f64 {
             .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
             .unwrap_or(100.0)
     })
+}
+
+/// The value of an unlabelled counter or gauge in a `/metrics` scrape.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Deletes the keys cluster mode left in the shared Redis for this run's
