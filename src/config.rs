@@ -423,6 +423,14 @@ impl Settings {
                 redact_url(url)
             ));
         }
+        if let Some(root) = database_url.as_deref().and_then(ssl_root_cert)
+            && !root.is_file()
+        {
+            problems.push(format!(
+                "the sslrootcert of CELLGATE_DATABASE_URL, {}, is not a readable file",
+                root.display()
+            ));
+        }
 
         self.check_rotation_and_jwks(&mut problems, &mut notes);
         let limits = self.check_limits(production, &mut problems);
@@ -648,6 +656,14 @@ where
     Ok(list_or_commas(deserializer)?.unwrap_or_default())
 }
 
+/// The `sslrootcert` file a PostgreSQL URL names, if any.
+fn ssl_root_cert(url: &str) -> Option<PathBuf> {
+    let (_, query) = url.split_once('?')?;
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == "sslrootcert")
+        .map(|(_, value)| PathBuf::from(value.into_owned()))
+}
+
 /// Hides the password of a connection URL.
 pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
@@ -845,6 +861,17 @@ mod tests {
         // every command fail with "unknown field: found `config`".
         let s = load(&[("CELLGATE_CONFIG", "/etc/cellgate.toml")]).unwrap();
         assert_eq!(s.listen_addr, Settings::default().listen_addr);
+    }
+
+    #[test]
+    fn a_missing_ssl_root_certificate_is_named_at_start_up() {
+        let url = "postgres://db.internal/cellgate?sslmode=verify-full&sslrootcert=/nowhere/ca.pem";
+        let err = load(&[("CELLGATE_DATABASE_URL", url)])
+            .unwrap()
+            .resolve()
+            .unwrap_err();
+        assert!(err.to_string().contains("/nowhere/ca.pem"), "{err}");
+        assert_eq!(ssl_root_cert("postgres://h/db"), None);
     }
 
     #[test]

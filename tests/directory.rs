@@ -220,3 +220,15 @@ async fn an_unreachable_database_is_a_transient_error() {
     let error = directory.ping().await.unwrap_err();
     assert!(error.is_transient(), "{error:?}");
 }
+
+#[tokio::test]
+async fn a_failed_migration_says_why_the_database_is_unreachable_and_says_it_once() {
+    // Regression: the pool reported only "pool timed out", and the chain of
+    // causes repeated that line three times.
+    let directory = Directory::connect_lazy("postgres://postgres@127.0.0.1:1/nothing").unwrap();
+    let error = directory.migrate().await.unwrap_err();
+    let report = format!("{:#}", anyhow::Error::new(error));
+    assert!(report.contains("Connection refused"), "{report}");
+    assert_eq!(report.matches("Connection refused").count(), 1, "{report}");
+    assert!(!report.contains("pool timed out"), "{report}");
+}

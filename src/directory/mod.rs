@@ -12,7 +12,7 @@ mod help;
 mod instructors;
 
 use std::path::Path;
-use std::sync::Once;
+use std::sync::{Arc, Once};
 use std::time::Duration;
 
 use sqlx::AnyPool;
@@ -28,14 +28,17 @@ use crate::config::redact_url;
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// A directory failure. The URL in it has its password hidden.
+///
+/// The message holds the cause, which is therefore not also given as a
+/// `source`: a report that walks the chain would print it twice.
 #[derive(Debug, thiserror::Error)]
 pub enum DirectoryError {
     /// The database could not be reached or failed the query.
     #[error("directory database error: {0}")]
-    Database(#[from] sqlx::Error),
+    Database(sqlx::Error),
     /// Migrations could not be applied.
-    #[error("cannot apply migrations: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error("cannot apply migrations: {}", migrate_cause(.0))]
+    Migrate(sqlx::migrate::MigrateError),
     /// The row asked for does not exist.
     #[error("{0}")]
     NotFound(String),
@@ -45,6 +48,27 @@ pub enum DirectoryError {
     /// The input is not acceptable.
     #[error("{0}")]
     Invalid(String),
+}
+
+impl From<sqlx::Error> for DirectoryError {
+    fn from(error: sqlx::Error) -> Self {
+        DirectoryError::Database(error)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for DirectoryError {
+    fn from(error: sqlx::migrate::MigrateError) -> Self {
+        DirectoryError::Migrate(error)
+    }
+}
+
+/// sqlx says "while executing migrations" before the database's own error;
+/// the database's error is what the operator needs.
+fn migrate_cause(error: &sqlx::migrate::MigrateError) -> String {
+    match error {
+        sqlx::migrate::MigrateError::Execute(e) => e.to_string(),
+        other => other.to_string(),
+    }
 }
 
 impl DirectoryError {
@@ -79,6 +103,8 @@ fn transient_sqlx(error: &sqlx::Error) -> bool {
 #[derive(Clone)]
 pub struct Directory {
     pool: AnyPool,
+    /// For one direct connection when the pool only says it timed out.
+    url: Arc<str>,
 }
 
 impl Directory {
@@ -105,13 +131,32 @@ impl Directory {
             .map_err(|e| {
                 DirectoryError::Invalid(format!("bad database URL {}: {e}", redact_url(url)))
             })?;
-        Ok(Directory { pool })
+        Ok(Directory {
+            pool,
+            url: url.into(),
+        })
     }
 
     /// Applies every pending migration.
     pub async fn migrate(&self) -> Result<(), DirectoryError> {
-        MIGRATOR.run(&self.pool).await?;
-        Ok(())
+        match MIGRATOR.run(&self.pool).await {
+            Ok(()) => Ok(()),
+            Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::PoolTimedOut)) => {
+                Err(self.why_unreachable().await)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The pool only says "timed out" when it cannot connect; one direct
+    /// connection tells why (refused, unknown host, TLS, password…).
+    pub async fn why_unreachable(&self) -> DirectoryError {
+        use sqlx::Connection;
+        let attempt = sqlx::AnyConnection::connect(&self.url);
+        match tokio::time::timeout(Duration::from_secs(5), attempt).await {
+            Ok(Err(e)) => DirectoryError::Database(e),
+            Ok(Ok(_)) | Err(_) => DirectoryError::Database(sqlx::Error::PoolTimedOut),
+        }
     }
 
     /// Whether the schema lacks migrations this binary knows.
