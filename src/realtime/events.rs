@@ -195,8 +195,13 @@ async fn claim_help<A: Adapter>(
     session: Arc<Session>,
     request: HelpAction,
 ) -> Value {
-    if let Err(answer) = check_staff_of_request(&app, &session, &request.request_id).await {
-        return answer;
+    let classroom = match check_staff_of_request(&app, &session, &request.request_id).await {
+        Ok(classroom) => classroom,
+        Err(answer) => return answer,
+    };
+    // A claim that other pods' dashboards would not hear of is not made.
+    if !app.cluster_healthy() {
+        return failure("unavailable");
     }
     let me = session.instructor();
     match app
@@ -205,26 +210,41 @@ async fn claim_help<A: Adapter>(
         .claim_help(&request.request_id, &me)
         .await
     {
-        Ok(ClaimOutcome::Claimed {
-            request,
-            claimed_at_ms,
-        }) => {
-            let payload = json!({
-                "request_id": request.request_id,
-                "by": me,
-                "claimed_at": timestamp(from_millis(claimed_at_ms)),
-            });
-            app.notify(&request.classroom, "help_claimed", payload)
-                .await;
-            json!({ "ok": true })
+        Ok(ClaimOutcome::Claimed { claimed_at_ms, .. }) => {
+            announce_claim(&app, &classroom, &request.request_id, &me, claimed_at_ms).await
         }
-        Ok(ClaimOutcome::AlreadyClaimed(holder)) if holder.id == me.id => json!({ "ok": true }),
+        // The holder asks again, perhaps because the announcement failed:
+        // announce it again, so that every dashboard ends up knowing.
+        Ok(ClaimOutcome::AlreadyClaimed(holder)) if holder.id == me.id => {
+            let now = crate::model::to_millis(chrono::Utc::now());
+            announce_claim(&app, &classroom, &request.request_id, &me, now).await
+        }
         Ok(ClaimOutcome::AlreadyClaimed(holder)) => {
             json!({ "ok": false, "error": "already_claimed", "by": holder })
         }
         Ok(ClaimOutcome::Closed(status)) => closed(status),
         Ok(ClaimOutcome::NotFound) => failure("not_found"),
         Err(e) => unavailable(e),
+    }
+}
+
+/// Sends `help_claimed`; the answer is `unavailable` when the cluster did
+/// not take it (the claim stands: asking again announces it again).
+async fn announce_claim(
+    app: &App,
+    classroom: &str,
+    request_id: &str,
+    me: &crate::model::InstructorRef,
+    claimed_at_ms: i64,
+) -> Value {
+    let payload = json!({
+        "request_id": request_id,
+        "by": me,
+        "claimed_at": timestamp(from_millis(claimed_at_ms)),
+    });
+    match app.broadcast(classroom, "help_claimed", payload).await {
+        Ok(()) => json!({ "ok": true }),
+        Err(_) => failure("unavailable"),
     }
 }
 
@@ -236,6 +256,10 @@ async fn resolve_help<A: Adapter>(
 ) -> Value {
     if let Err(answer) = check_staff_of_request(&app, &session, &request.request_id).await {
         return answer;
+    }
+    // As for a claim: decide nothing other pods' dashboards would miss.
+    if !app.cluster_healthy() {
+        return failure("unavailable");
     }
     let me = session.instructor();
     match app
@@ -285,18 +309,19 @@ fn closed(status: HelpStatus) -> Value {
 
 /// `Err` with the answer to send when the request does not exist or the
 /// instructor does not staff its classroom.
+/// The classroom of the request, when `session`'s instructor staffs it.
 async fn check_staff_of_request(
     app: &App,
     session: &Session,
     request_id: &str,
-) -> Result<(), Value> {
+) -> Result<String, Value> {
     let request = match app.directory().directory().help_request(request_id).await {
         Ok(Some(request)) => request,
         Ok(None) => return Err(failure("not_found")),
         Err(e) => return Err(unavailable(e)),
     };
     match app.directory().instructor(&session.email).await {
-        Ok(Some(me)) if me.is_active && me.staffs(&request.classroom) => Ok(()),
+        Ok(Some(me)) if me.is_active && me.staffs(&request.classroom) => Ok(request.classroom),
         Ok(_) => Err(failure("forbidden")),
         Err(e) => Err(unavailable(e)),
     }

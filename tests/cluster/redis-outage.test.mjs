@@ -8,7 +8,7 @@
 import { after, before, test } from 'node:test';
 import assert from 'node:assert/strict';
 
-import { cellEvent, metricValue, scrape } from '../e2e/lib/helpers.mjs';
+import { cellEvent, helpEvent, metricValue, scrape } from '../e2e/lib/helpers.mjs';
 import { dashboard, get, post, redisCli, sleep, startCluster, startPrivateRedis } from './lib/cluster.mjs';
 
 /** How long Redis stays away each time: longer than the probe needs to notice (2 s). */
@@ -277,3 +277,52 @@ test('a pod cut off from Redis alone: the other pod acknowledges nothing the cut
       `for ${refusedByB} refused posts`);
     assert.deepEqual(after0.map((m) => m.dropped), [0, 0], 'cellgate_cluster_messages_dropped_total');
   });
+
+test('help claims during an outage: refused until every pod can hear of them, then announced everywhere',
+  { timeout: 120_000 }, async () => {
+    const { classroom, tokens } = room;
+    const [podA, podB] = c.pods;
+    const onA = await dashboard(podA.url, tokens[0], { classroom, transports: ['websocket'], tracker: c.sockets }).ready;
+    const onB = await dashboard(podB.url, tokens[1], { classroom, transports: ['websocket'], tracker: c.sockets }).ready;
+    const help = helpEvent({ classroom, seat: 5, student: 's-0005', message: 'stuck' });
+    const posted = await post(podB.url, c.student('s-0005', classroom, 5), help);
+    assert.equal(posted.status, 202, JSON.stringify(posted.body));
+    const { request_id: requestId } = await onA.rec.waitFor('help_requested', (h) => h.student === 's-0005');
+    const claim = () => onA.socket.timeout(10_000).emitWithAck('claim_help', { request_id: requestId });
+
+    await redis.kill();
+    try {
+      // Once pod A knows it cannot reach the others (the probe needs ~2 s),
+      // it decides nothing: a claim only pod A's dashboards heard of would
+      // leave pod B's instructors helping the same student.
+      await waitFor(async () => (await get(podA.url, '/readyz')).status === 503, 10_000);
+      const refused = await claim();
+      assert.deepEqual(refused, { ok: false, error: 'unavailable' });
+    } finally {
+      await redis.start();
+    }
+    await waitFor(async () => (await Promise.all(c.pods.map((p) => get(p.url, '/readyz'))))
+      .every((r) => r.status === 200), 15_000);
+
+    assert.deepEqual(onB.rec.all('help_claimed', (h) => h.request_id === requestId), [],
+      'the refused claim was announced nowhere');
+    const won = await claim();
+    assert.deepEqual(won, { ok: true });
+    for (const d of [onA, onB]) {
+      const heard = await d.rec.waitFor('help_claimed', (h) => h.request_id === requestId, 5000);
+      assert.equal(heard.by.name.length > 0, true);
+    }
+    // Asking again as the holder announces it again: what a dashboard does
+    // when an earlier announcement may have been lost.
+    assert.deepEqual(await claim(), { ok: true });
+    await waitFor(() => onB.rec.all('help_claimed', (h) => h.request_id === requestId).length >= 2, 5000);
+  });
+
+async function waitFor(check, timeoutMs) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    if (await check()) return;
+    if (Date.now() > deadline) throw new Error(`condition not met within ${timeoutMs} ms`);
+    await sleep(100);
+  }
+}
