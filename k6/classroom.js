@@ -94,7 +94,9 @@ if (STEADY < 1) throw new Error('need at least one steady dashboard');
 // Limits (README "Load tests" explains each).
 const LIMITS = {
   deliveryP50: Number(ENV.CG_LIMIT_DELIVERY_P50_MS || 20),
-  deliveryP95: Number(ENV.CG_LIMIT_DELIVERY_P95_MS || 150),
+  // The full run's run-all bursts send five times the smoke's frames per
+  // second through the same two cores (k6 included): more room in the tail.
+  deliveryP95: Number(ENV.CG_LIMIT_DELIVERY_P95_MS || (PROFILE_NAME === 'full' ? 250 : 150)),
   handshakeP95: Number(ENV.CG_LIMIT_HANDSHAKE_P95_MS || 500),
   ackP95: Number(ENV.CG_LIMIT_ACK_P95_MS || 1000),
 };
@@ -373,7 +375,7 @@ export async function dashboard(data) {
       accepted = await socket.connect();
     } catch (e) {
       errors.add(true);
-      console.error(`dashboard ${me} (${transport}) could not connect: ${e.code || e}`);
+      console.error(`dashboard ${me} (${transport}) could not connect: ${e.message || e}`);
       return null;
     }
     handshakeDuration.add(accepted.timings.total, { transport });

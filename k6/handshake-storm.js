@@ -47,8 +47,8 @@ const INVALID = Number(ENV.CG_INVALID || (PROFILE_NAME === 'full' ? 50 : 20));
 const minter = new Minter(required('CG_JWT_SECRET'), { ttlSecs: 4 * 3600 });
 
 const LIMITS = {
-  stormHandshakeP95: Number(ENV.CG_LIMIT_STORM_HANDSHAKE_P95_MS || 1000),
-  refusalP95: Number(ENV.CG_LIMIT_REFUSAL_P95_MS || 1000),
+  stormHandshakeP95: Number(ENV.CG_LIMIT_STORM_HANDSHAKE_P95_MS || 2000),
+  refusalP95: Number(ENV.CG_LIMIT_REFUSAL_P95_MS || 2000),
 };
 
 export const options = {
@@ -142,7 +142,7 @@ async function validDashboard(me, transport, stormAt) {
     ({ socket } = await connectAndJoin(token, transport, xff, (ms) => firstHandshake.add(ms, { transport })));
   } catch (e) {
     errors.add(true);
-    console.error(`dashboard ${me} could not connect before the storm: ${e.code || e}`);
+    console.error(`dashboard ${me} could not connect before the storm: ${e.message || e}`);
   }
   for (let round = 1; round <= SHAPE.rounds; round++) {
     await wait(stormAt(round) - Date.now());
@@ -159,7 +159,7 @@ async function validDashboard(me, transport, stormAt) {
     } catch (e) {
       errors.add(true);
       if (e instanceof ConnectRefused) validRefused.add(1);
-      console.error(`dashboard ${me} round ${round}: ${e.code || e}`);
+      console.error(`dashboard ${me} round ${round}: ${e.message || e}`);
     }
   }
   await wait(2000);

@@ -273,18 +273,30 @@ export K6_NO_USAGE_REPORT=true
 STATUS=0 PASSED=0 FAILED=0
 run_k6() { # name, script, extra env...
   local name=$1 script=$2; shift 2
-  local cpu0 cpu1 rc
+  local cpu0 cpu1 rc k6pid k6cpu=0 ngx0 ngx1
+  local nginx_workers
+  nginx_workers=$(pgrep -P "$NGINX_PID" | paste -sd' ')
   cpu0=$(for p in "${PIDS[@]}"; do pod_cpu "$p"; done | paste -sd' ')
+  ngx0=$(for p in $nginx_workers; do pod_cpu "$p"; done | awk '{ s += $1 } END { print s + 0 }')
   local start=$SECONDS
   log "k6 $script: start; load average $(cut -d' ' -f1-3 /proc/loadavg)"
+  env "$@" CG_SUMMARY_JSON="$OUT/$name-summary.json" "$K6" run --quiet --no-color "k6/$script" \
+    >"$OUT/$name-k6.log" 2>&1 &
+  k6pid=$!
+  # k6's own CPU, read while it lives: the load generator shares the cores.
+  while kill -0 "$k6pid" 2>/dev/null; do
+    k6cpu=$(pod_cpu "$k6pid" 2>/dev/null || echo "$k6cpu")
+    sleep 1
+  done
   set +e
-  env "$@" CG_SUMMARY_JSON="$OUT/$name-summary.json" "$K6" run --quiet --no-color "k6/$script" 2>&1 \
-    | tee "$OUT/$name-k6.log" | grep -v '^time=.*level=info' 
-  rc=${PIPESTATUS[0]}
+  wait "$k6pid"
+  rc=$?
   set -e
+  grep -v '^time=.*level=info' "$OUT/$name-k6.log" || true
   cpu1=$(for p in "${PIDS[@]}"; do pod_cpu "$p"; done | paste -sd' ')
+  ngx1=$(for p in $nginx_workers; do pod_cpu "$p"; done | awk '{ s += $1 } END { print s + 0 }')
   log "k6 $script: exit $rc after $((SECONDS - start)) s; load average $(cut -d' ' -f1-3 /proc/loadavg)"
-  echo "$name rc=$rc seconds=$((SECONDS - start)) cpu_before=[$cpu0] cpu_after=[$cpu1] hwm_kb=[$(for p in "${PIDS[@]}"; do pod_hwm "$p"; done | paste -sd' ')]" >>"$OUT/runs.txt"
+  echo "$name rc=$rc seconds=$((SECONDS - start)) cpu_before=[$cpu0] cpu_after=[$cpu1] hwm_kb=[$(for p in "${PIDS[@]}"; do pod_hwm "$p"; done | paste -sd' ')] k6_cpu=$k6cpu nginx_cpu=$(awk -v a="$ngx0" -v b="$ngx1" 'BEGIN { print b - a }')" >>"$OUT/runs.txt"
   if [ "$rc" = 0 ]; then PASSED=$((PASSED + 1)); else STATUS=1 FAILED=$((FAILED + 1)); fi
 }
 
@@ -320,9 +332,10 @@ print("\n== k6/run.sh summary (%s)" % os.path.basename(out))
 for name, f in runs.items():
     cpu = [b - a for a, b in zip(nums(f["cpu_before"]), nums(f["cpu_after"]))]
     hwm = [x / 1024 for x in nums(f["hwm_kb"])]
-    line = "%-9s %s in %s s; pods' CPU %s s; peak RSS %s MB" % (
+    line = "%-9s %s in %s s; CPU: pods %s s, nginx %.1f s, k6 %.1f s; pods' peak RSS %s MB" % (
         name, "passed" if f["rc"] == "0" else "FAILED (k6 exit %s)" % f["rc"], f["seconds"],
-        " + ".join("%.1f" % c for c in cpu), " / ".join("%.0f" % h for h in hwm))
+        " + ".join("%.1f" % c for c in cpu), float(f["nginx_cpu"]), float(f["k6_cpu"]),
+        " / ".join("%.0f" % h for h in hwm))
     print(line)
     path = os.path.join(out, name + "-summary.json")
     if name == "classroom" and os.path.exists(path):
@@ -330,8 +343,10 @@ for name, f in runs.items():
         delivered = m.get("events_delivered", {}).get("values", {}).get("count", 0)
         seats = m.get("seat_updated_deliveries", {}).get("values", {}).get("count", 0)
         if delivered:
-            print("          %d deliveries (+ %d seat_updated): pods' CPU %.0f ms per 1,000 deliveries"
-                  % (delivered, seats, 1000 * sum(cpu) * 1000 / (delivered + seats)))
+            frames = delivered + seats
+            print("          %d deliveries of posted events + %d seat_updated: pods' CPU %.0f ms per"
+                  " 1,000 deliveries (%.0f ms per 1,000 frames sent to dashboards)"
+                  % (delivered, seats, 1e6 * sum(cpu) / delivered, 1e6 * sum(cpu) / frames))
 EOF
 log "load average during the run (every 5 s): $(awk '{ print $2 }' "$WORK/loadavg.log" | paste -sd' ')"
 # What the pods complained about (JSON log lines at WARN or ERROR), by message.

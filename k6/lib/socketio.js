@@ -138,7 +138,8 @@ export class SocketIO {
     this.startedAt = Date.now();
     return new Promise((resolve, reject) => {
       const timer = after(this.connectTimeoutMs, () => {
-        this.failConnect(new TransportFailure('timeout', `no answer within ${this.connectTimeoutMs} ms`));
+        const reached = Object.keys(this.timings).map((k) => `${k}@${this.timings[k]}ms`).join(' ') || 'nothing';
+        this.failConnect(new TransportFailure('timeout', `no answer within ${this.connectTimeoutMs} ms (${this.transport}; reached: ${reached})`));
       });
       this.connecting = { resolve, reject, timer };
       try {
