@@ -349,6 +349,12 @@ for name, f in runs.items():
                   % (delivered, seats, 1e6 * sum(cpu) / delivered, 1e6 * sum(cpu) / frames))
 EOF
 log "load average during the run (every 5 s): $(awk '{ print $2 }' "$WORK/loadavg.log" | paste -sd' ')"
+echo "pods' counters (non-zero series; the storm's refusals are expected):"
+for i in 0 1; do
+  curl -fsS "http://127.0.0.1:${POD_METRICS[$i]}/metrics" 2>/dev/null \
+    | grep -E '^cellgate_(cluster_messages_dropped|cluster_publish_errors|events_rejected|events_duplicate|auth_failures)_total' \
+    | awk -v pod="${POD_NAMES[$i]}" '$NF != 0 { print "  " pod ": " $0 }'
+done | { grep . || echo "  none: no dropped cluster message, failed publish, rejected post, duplicate or refusal"; }
 # What the pods complained about (JSON log lines at WARN or ERROR), by message.
 python3 - "$WORK"/"$RUN_ID"-*.log <<'EOF'
 import collections, json, sys
