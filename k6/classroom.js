@@ -358,9 +358,12 @@ export async function dashboard(data) {
     });
     socket.on('cell_executed', onCell);
     socket.on('help_requested', onHelp);
-    socket.on('help_cancelled', () => helpCancelledSeen.add(1));
-    socket.on('seat_updated', () => seatUpdates.add(1));
+    // Counted, not parsed: the load generator shares the cores with the pods.
+    socket.count('help_cancelled').count('seat_updated');
     socket.onClose((reason) => {
+      const counts = socket.counts();
+      helpCancelledSeen.add(counts.help_cancelled || 0);
+      seatUpdates.add(counts.seat_updated || 0);
       if (state.current && state.current.socket === socket && state.current.to === null) {
         state.current.to = Date.now();
         if (!state.current.leaving) {
