@@ -355,6 +355,18 @@ fn print_report(args: &Args, runs: &[Run]) {
             r.cluster_dropped,
             r.publish_errors,
         );
+        let (i, d) = (&r.server_ingest, &r.server_delivery);
+        println!(
+            "{:<12} server side (first pod's histograms, interpolated in buckets of 0.1/0.25/0.5/1/2.5/5 ms): \
+             POST p50 {} / p99 {} / mean {} ms; acceptance to broadcast handed over p50 {} / p99 {} / mean {} ms",
+            "",
+            cell(i.quantile_ms(0.5)),
+            cell(i.quantile_ms(0.99)),
+            cell(i.mean_ms()),
+            cell(d.quantile_ms(0.5)),
+            cell(d.quantile_ms(0.99)),
+            cell(d.mean_ms()),
+        );
     }
     println!(
         "latency: from just before the POST to the cell_executed frame at the dashboard \

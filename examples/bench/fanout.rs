@@ -26,7 +26,7 @@ use tokio_tungstenite::tungstenite::Message;
 use super::client::{Connector, Minter, Ws, check_accepted, handshake, join_classroom};
 use super::gateway::{Gateway, GatewayEnv, ProcStats, metric};
 use super::pg::instructor_email;
-use super::stats::Histogram;
+use super::stats::{Histogram, PromHistogram};
 
 /// Steps one run may have.
 pub const MAX_STEPS: usize = 64;
@@ -400,6 +400,12 @@ pub struct StepResult {
     pub cluster_dropped: f64,
     /// `cellgate_cluster_publish_errors_total` increase, all pods.
     pub publish_errors: f64,
+    /// The first pod's `cellgate_ingest_request_duration_seconds` over
+    /// the step: the server's share of each POST.
+    pub server_ingest: PromHistogram,
+    /// The first pod's `cellgate_event_delivery_duration_seconds`: from
+    /// an event's acceptance to its broadcast leaving the pod.
+    pub server_delivery: PromHistogram,
 }
 
 impl StepResult {
@@ -498,7 +504,7 @@ impl Poster {
             bail!("step {} was run already", plan.step);
         }
         let dropped_before = tally.dropped.load(Ordering::Relaxed);
-        let cluster_before = self.cluster_counters(pods).await;
+        let (cluster_before, ingest_before, delivery_before) = self.counters(pods).await;
         let cpu_before = pod_stats(pods)?;
         let own_before = ProcStats::own()?;
 
@@ -575,7 +581,7 @@ impl Poster {
         let wall = started.elapsed().as_secs_f64();
         let cpu_after = pod_stats(pods)?;
         let own_after = ProcStats::own()?;
-        let cluster_after = self.cluster_counters(pods).await;
+        let (cluster_after, ingest_after, delivery_after) = self.counters(pods).await;
         let first_error = first_error.lock().expect("lock").clone();
         let result = StepResult {
             rate: plan.rate,
@@ -609,6 +615,8 @@ impl Poster {
             dropped: tally.dropped.load(Ordering::Relaxed) - dropped_before,
             cluster_dropped: cluster_after.0 - cluster_before.0,
             publish_errors: cluster_after.1 - cluster_before.1,
+            server_ingest: ingest_after.since(&ingest_before),
+            server_delivery: delivery_after.since(&delivery_before),
         };
         if result.lost() > 0 || result.cluster_dropped > 0.0 || result.publish_errors > 0.0 {
             report_losses(&result, pods);
@@ -616,10 +624,12 @@ impl Poster {
         Ok(result)
     }
 
-    /// `(messages dropped, publish errors)` summed over the pods.
-    async fn cluster_counters(&self, pods: &[Pod]) -> (f64, f64) {
+    /// `(messages dropped, publish errors)` summed over the pods, and the
+    /// first pod's ingest and delivery histograms.
+    async fn counters(&self, pods: &[Pod]) -> ((f64, f64), PromHistogram, PromHistogram) {
         let mut sums = (0.0, 0.0);
-        for pod in pods {
+        let mut histograms = (PromHistogram::default(), PromHistogram::default());
+        for (i, pod) in pods.iter().enumerate() {
             let scraped = self.http.get(pod.env.metrics_url()).send().await;
             let Ok(text) = (match scraped {
                 Ok(r) => r.text().await,
@@ -629,8 +639,14 @@ impl Poster {
             };
             sums.0 += metric(&text, "cellgate_cluster_messages_dropped_total").unwrap_or(0.0);
             sums.1 += metric(&text, "cellgate_cluster_publish_errors_total").unwrap_or(0.0);
+            if i == 0 {
+                histograms = (
+                    PromHistogram::parse(&text, "cellgate_ingest_request_duration_seconds"),
+                    PromHistogram::parse(&text, "cellgate_event_delivery_duration_seconds"),
+                );
+            }
         }
-        sums
+        (sums, histograms.0, histograms.1)
     }
 }
 

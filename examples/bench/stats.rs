@@ -126,3 +126,92 @@ impl Histogram {
 pub fn cell(ms: Option<f64>) -> String {
     ms.map_or_else(|| "-".into(), |v| format!("{v:.2}"))
 }
+
+/// One Prometheus histogram (without labels other than `le`) from a
+/// `/metrics` scrape, or the difference of two scrapes.
+#[derive(Debug, Clone, Default)]
+pub struct PromHistogram {
+    /// `(le, cumulative count)`, `+Inf` last.
+    pub buckets: Vec<(f64, f64)>,
+    /// `_sum`, seconds.
+    pub sum: f64,
+    /// `_count`.
+    pub count: f64,
+}
+
+impl PromHistogram {
+    /// The histogram `name` in `text`; empty when absent.
+    pub fn parse(text: &str, name: &str) -> Self {
+        let mut h = PromHistogram::default();
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            let Some((series, value)) = line.rsplit_once(' ') else {
+                continue;
+            };
+            let Ok(value) = value.parse::<f64>() else {
+                continue;
+            };
+            let Some(rest) = series.strip_prefix(name) else {
+                continue;
+            };
+            if let Some(labels) = rest.strip_prefix("_bucket{le=\"") {
+                let le = labels.trim_end_matches("\"}");
+                let le = if le == "+Inf" {
+                    f64::INFINITY
+                } else {
+                    le.parse().unwrap_or(f64::NAN)
+                };
+                h.buckets.push((le, value));
+            } else if rest == "_sum" {
+                h.sum = value;
+            } else if rest == "_count" {
+                h.count = value;
+            }
+        }
+        h.buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+        h
+    }
+
+    /// `self − before` (same buckets).
+    pub fn since(&self, before: &PromHistogram) -> Self {
+        let buckets = self
+            .buckets
+            .iter()
+            .zip(
+                before
+                    .buckets
+                    .iter()
+                    .map(|b| b.1)
+                    .chain(std::iter::repeat(0.0)),
+            )
+            .map(|(&(le, after), before)| (le, after - before))
+            .collect();
+        PromHistogram {
+            buckets,
+            sum: self.sum - before.sum,
+            count: self.count - before.count,
+        }
+    }
+
+    /// The `q` quantile in milliseconds, interpolated inside its bucket as
+    /// Prometheus' `histogram_quantile` does.
+    pub fn quantile_ms(&self, q: f64) -> Option<f64> {
+        let rank = q * self.count;
+        let mut lower = (0.0, 0.0);
+        for &(le, count) in &self.buckets {
+            if count >= rank && count > 0.0 {
+                if le.is_infinite() {
+                    return Some(lower.0 * 1000.0);
+                }
+                let share = (rank - lower.1) / (count - lower.1);
+                return Some((lower.0 + (le - lower.0) * share) * 1000.0);
+            }
+            lower = (le, count);
+        }
+        None
+    }
+
+    /// Mean in milliseconds (exact).
+    pub fn mean_ms(&self) -> Option<f64> {
+        (self.count > 0.0).then(|| self.sum / self.count * 1000.0)
+    }
+}
