@@ -80,6 +80,7 @@ REDIS_PREFIX=$RUN_ID
 SECRET=$(head -c 48 /dev/urandom | base64 | tr -dc 'A-Za-z0-9' | head -c 48)
 PIDS=()
 NGINX_PID=
+K6_PID=
 
 free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -91,6 +92,7 @@ psql_admin() {
 cleanup() {
   local rc=$?
   set +e
+  [ -n "$K6_PID" ] && kill "$K6_PID" 2>/dev/null
   [ -n "$NGINX_PID" ] && kill "$NGINX_PID" 2>/dev/null
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
   for pid in "${PIDS[@]}" $NGINX_PID; do
@@ -283,6 +285,7 @@ run_k6() { # name, script, extra env...
   env "$@" CG_SUMMARY_JSON="$OUT/$name-summary.json" "$K6" run --quiet --no-color "k6/$script" \
     >"$OUT/$name-k6.log" 2>&1 &
   k6pid=$!
+  K6_PID=$k6pid
   # k6's own CPU, read while it lives: the load generator shares the cores.
   while kill -0 "$k6pid" 2>/dev/null; do
     k6cpu=$(pod_cpu "$k6pid" 2>/dev/null || echo "$k6cpu")
@@ -291,6 +294,7 @@ run_k6() { # name, script, extra env...
   set +e
   wait "$k6pid"
   rc=$?
+  K6_PID=
   set -e
   grep -v '^time=.*level=info' "$OUT/$name-k6.log" || true
   cpu1=$(for p in "${PIDS[@]}"; do pod_cpu "$p"; done | paste -sd' ')
