@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use serde::Serialize;
 use socketioxide::SocketIo;
@@ -16,6 +17,7 @@ use crate::cluster::health::ClusterHealth;
 use crate::directory::DirectoryError;
 use crate::directory::cache::{DirectoryCache, with_retries};
 use crate::drain::Drain;
+use crate::limits::Limits;
 use crate::live::{Live, LiveError};
 use crate::metrics::Metrics;
 use crate::model::{InstructorRef, Snapshot, classroom_room};
@@ -50,64 +52,120 @@ impl std::fmt::Display for EmitError {
     }
 }
 
+/// What an emit to this node's dashboards in a room did.
+#[derive(Debug, Default)]
+pub struct LocalFanout {
+    /// Every dashboard of the room on this node (left out of the emit to
+    /// the other nodes, which would send them the event a second time).
+    pub sids: Vec<String>,
+    /// Those whose outgoing queue was full: they missed the event.
+    pub full: Vec<String>,
+}
+
+/// What became of a request to disconnect one dashboard.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnected {
+    /// The disconnect is on its way.
+    Done,
+    /// Its queue is full: the disconnect packet does not fit either.
+    QueueFull,
+    /// No such dashboard here (any more).
+    Gone,
+}
+
 /// Sends an event to every dashboard in a room.
 pub trait Broadcaster: Send + Sync + 'static {
-    /// Emits `event` with `payload` to `room` on every node.
-    fn emit<'a>(
+    /// Emits `event` to each of this node's dashboards in `room`, one at a
+    /// time, so that a dashboard whose queue is full is known by its id.
+    /// `payload` is serialized once, by the caller.
+    fn emit_local(
+        &self,
+        room: &str,
+        event: &'static str,
+        payload: &serde_json::value::RawValue,
+    ) -> LocalFanout;
+
+    /// Emits `event` to `room` through the adapter, leaving out the sockets
+    /// `except` (this node's, served by [`Broadcaster::emit_local`]): in
+    /// cluster mode, the other nodes' dashboards.
+    fn emit_remote<'a>(
         &'a self,
         room: String,
+        except: Vec<String>,
         event: &'static str,
         payload: &'a serde_json::Value,
     ) -> BoxFuture<'a, Result<(), EmitError>>;
 
-    /// Emits only to this node's dashboards (when the cluster is away).
-    fn emit_local<'a>(
-        &'a self,
-        room: String,
-        event: &'static str,
-        payload: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    /// Disconnects one of this node's dashboards.
+    fn disconnect(&self, sid: &str) -> Disconnected;
 
     /// Disconnects every dashboard of this node.
     fn close(&self) -> BoxFuture<'_, ()>;
-
-    /// How many of this node's dashboards are in `room`.
-    fn local_audience(&self, room: &str) -> usize;
 }
 
 impl<A: Adapter> Broadcaster for SocketIo<A> {
-    fn emit<'a>(
+    fn emit_local(
+        &self,
+        room: &str,
+        event: &'static str,
+        payload: &serde_json::value::RawValue,
+    ) -> LocalFanout {
+        use socketioxide::SendError;
+        use socketioxide::SocketError;
+
+        let mut fanout = LocalFanout::default();
+        for socket in self.local().to(room.to_string()).sockets() {
+            if !socket.connected() {
+                // Leaving (its disconnect handler is running): it would
+                // only count as full again.
+                continue;
+            }
+            let sid = socket.id.to_string();
+            // Anything else was sent, or the socket is closing.
+            if let Err(SendError::Socket(SocketError::InternalChannelFull)) =
+                socket.emit(event, payload)
+            {
+                fanout.full.push(sid.clone());
+            }
+            fanout.sids.push(sid);
+        }
+        fanout
+    }
+
+    fn emit_remote<'a>(
         &'a self,
         room: String,
+        except: Vec<String>,
         event: &'static str,
         payload: &'a serde_json::Value,
     ) -> BoxFuture<'a, Result<(), EmitError>> {
-        Box::pin(async move { Ok(self.to(room).emit(event, payload).await?) })
+        Box::pin(async move { Ok(self.to(room).except(except).emit(event, payload).await?) })
     }
 
-    fn emit_local<'a>(
-        &'a self,
-        room: String,
-        event: &'static str,
-        payload: &'a serde_json::Value,
-    ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            self.local()
-                .to(room)
-                .emit(event, payload)
-                .await
-                .map_err(|e| e.to_string())
-        })
+    fn disconnect(&self, sid: &str) -> Disconnected {
+        use socketioxide::SocketError;
+        use socketioxide::socket::Sid;
+
+        let Some(socket) = sid.parse::<Sid>().ok().and_then(|sid| self.get_socket(sid)) else {
+            return Disconnected::Gone;
+        };
+        match socket.disconnect() {
+            Ok(()) => Disconnected::Done,
+            Err(SocketError::InternalChannelFull) => Disconnected::QueueFull,
+            Err(SocketError::Closed) => Disconnected::Gone,
+        }
     }
 
     fn close(&self) -> BoxFuture<'_, ()> {
         Box::pin(SocketIo::close(self))
     }
-
-    fn local_audience(&self, room: &str) -> usize {
-        self.local().to(room.to_string()).sockets().len()
-    }
 }
+
+/// How often, and how many times, a polling dashboard too slow for its
+/// queue is asked to disconnect (it must take some packets for the
+/// disconnect to fit; the Engine.IO heartbeat closes it otherwise).
+const SLOW_POLL_RETRY: Duration = Duration::from_millis(200);
+const SLOW_POLL_TRIES: u32 = 300;
 
 /// A broadcast reached this node's dashboards only: the cluster did not
 /// take it.
@@ -173,6 +231,8 @@ pub struct AppParts {
     pub cluster_health: Option<Arc<ClusterHealth>>,
     /// Connection tracking for the drain.
     pub drain: Arc<Drain>,
+    /// The limits' state.
+    pub limits: Arc<Limits>,
 }
 
 /// Shared state; cheap to clone.
@@ -191,6 +251,7 @@ struct Inner {
     broadcaster: Arc<dyn Broadcaster>,
     cluster_health: Option<Arc<ClusterHealth>>,
     drain: Arc<Drain>,
+    limits: Arc<Limits>,
 }
 
 /// A snapshot could not be built.
@@ -227,6 +288,7 @@ impl App {
                 broadcaster: parts.broadcaster,
                 cluster_health: parts.cluster_health,
                 drain: parts.drain,
+                limits: parts.limits,
             }),
         }
     }
@@ -262,6 +324,11 @@ impl App {
     /// Connection tracking for the graceful drain.
     pub fn drain(&self) -> &Arc<Drain> {
         &self.inner.drain
+    }
+
+    /// The limits' state.
+    pub fn limits(&self) -> &Arc<Limits> {
+        &self.inner.limits
     }
 
     /// Whether this pod runs in cluster mode.
@@ -312,28 +379,64 @@ impl App {
     ) -> Result<(), NotForwarded> {
         let room = classroom_room(classroom);
         let broadcaster = &self.inner.broadcaster;
-        let fanout = broadcaster.local_audience(&room);
+        let raw = serde_json::value::to_raw_value(payload).expect("wire types serialize");
+        // This node's dashboards first, one by one, so that one whose queue
+        // is full is known and disconnected; the others get it regardless.
+        let local = broadcaster.emit_local(&room, event, &raw);
+        let fanout = local.sids.len();
         self.inner.metrics.broadcast_fanout.observe(fanout as f64);
         tracing::Span::current().record("fanout_sockets", fanout as u64);
-        let error = match broadcaster.emit(room.clone(), event, payload).await {
+        for sid in &local.full {
+            self.too_slow(sid);
+        }
+        if !self.clustered() {
+            return Ok(());
+        }
+        let error = match broadcaster
+            .emit_remote(room, local.sids, event, payload)
+            .await
+        {
             Ok(()) => return Ok(()),
-            // A dashboard that is closing (a drain) or too slow; the cluster
-            // and the others got the event.
+            // A dashboard that joined here meanwhile is closing or too
+            // slow; the cluster and the others got the event.
             Err(EmitError::LocalSockets(error)) => {
                 tracing::debug!(classroom, event, %error, "a dashboard missed a broadcast");
                 return Ok(());
             }
             Err(EmitError::Cluster(error)) => error,
         };
-        if !self.clustered() {
-            tracing::debug!(classroom, event, %error, "a broadcast failed on a single node");
-            return Ok(());
-        }
         tracing::warn!(classroom, event, %error, "broadcast not forwarded to the cluster; local only");
-        if let Err(error) = broadcaster.emit_local(room, event, payload).await {
-            tracing::debug!(classroom, event, %error, "a local dashboard missed a broadcast");
-        }
         Err(NotForwarded)
+    }
+
+    /// A dashboard's outgoing queue is full: it misses events, and a
+    /// queue without bound would hold this pod's memory hostage. It is
+    /// disconnected and counted once. Over WebSocket its connection is
+    /// closed at once (socket.io-client reconnects by itself and gets a
+    /// fresh snapshot); a polling one is sent a disconnect as soon as it
+    /// takes some packets, or the Engine.IO heartbeat closes it.
+    fn too_slow(&self, sid: &str) {
+        let transports = self.limits().transports();
+        if !transports.mark_slow(sid) {
+            return;
+        }
+        self.metrics().slow_consumer_disconnects.inc();
+        tracing::warn!(
+            sid,
+            "a dashboard's outgoing queue is full (CELLGATE_SOCKET_QUEUE_PACKETS); disconnecting it"
+        );
+        if transports.kill(sid) {
+            return;
+        }
+        let (app, sid) = (self.clone(), sid.to_string());
+        tokio::spawn(async move {
+            for _ in 0..SLOW_POLL_TRIES {
+                if app.inner.broadcaster.disconnect(&sid) != Disconnected::QueueFull {
+                    return;
+                }
+                tokio::time::sleep(SLOW_POLL_RETRY).await;
+            }
+        });
     }
 
     /// Like [`App::broadcast`], for callers that have nobody to tell when the

@@ -48,6 +48,22 @@ Environment:
   CELLGATE_DRAIN_SECS             on SIGTERM, close connections spread over this window [10]
   CELLGATE_SESSION_TTL_SECS       cluster mode: a crashed pod's dashboards leave presence after this [30]
   CELLGATE_REDIS_PREFIX           cluster mode: prefix of Redis keys and channels; one cluster per prefix [cellgate]
+
+Limits (see the README's Limits section):
+  CELLGATE_HANDSHAKES_PER_MINUTE  dashboard handshakes per client address and minute, 0: off [120]
+  CELLGATE_HANDSHAKE_BURST        handshakes one address may start at once [60]
+  CELLGATE_INGEST_PER_MINUTE      ingest requests per student token and minute, 0: off [600]
+  CELLGATE_INGEST_BURST           ingest requests one token may send at once [120]
+  CELLGATE_MAX_SOCKET_PAYLOAD_BYTES  largest Socket.IO payload a dashboard sends, polling
+                                  body or WebSocket message [65536]
+  CELLGATE_MAX_SOCKETS_PER_INSTRUCTOR  dashboards of one instructor on this pod [20]
+  CELLGATE_MAX_SOCKETS            dashboards on this pod [10000]
+  CELLGATE_SOCKET_QUEUE_PACKETS   packets queued per dashboard; a full queue disconnects it [4096]
+  CELLGATE_ALLOWED_ORIGINS        browser origins for CORS and the Socket.IO Origin check,
+                                  e.g. https://dash.example.edu; * for any, without
+                                  credentials [dev: *, production: the gateway's own origin]
+  CELLGATE_TRUSTED_PROXIES        proxies whose X-Forwarded-For names the client, e.g.
+                                  10.0.0.0/8 [none: the TCP peer is the client]
   RUST_LOG                        log filter [info]";
 
 /// cellgate: lets instructors watch a live classroom.

@@ -38,6 +38,9 @@ pub enum ApiError {
     Invalid(Vec<FieldError>),
     /// 413: the body is larger than this many bytes.
     TooLarge(usize),
+    /// 429: the token's request budget is spent; retry after this many
+    /// seconds.
+    RateLimited(u64),
     /// 503: storage or the directory did not answer.
     Unavailable(Arc<DirectoryError>),
     /// 503: shared live state (Redis) did not answer.
@@ -70,6 +73,7 @@ impl ApiError {
             ApiError::NotFound(_) => "not_found",
             ApiError::BadBody(_) | ApiError::Invalid(_) => "invalid",
             ApiError::TooLarge(_) => "too_large",
+            ApiError::RateLimited(_) => "rate_limited",
             ApiError::Unavailable(_) | ApiError::Shared(_) => "unavailable",
             ApiError::NotForwarded => "cluster_unavailable",
         }
@@ -105,6 +109,15 @@ impl IntoResponse for ApiError {
                 json!({ "error": "payload_too_large",
                         "detail": format!("the body must not exceed {limit} bytes") }),
             ),
+            ApiError::RateLimited(seconds) => {
+                let body = json!({ "error": "rate_limited",
+                                   "detail": "too many requests with this token; retry later" });
+                let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+                return response;
+            }
             ApiError::Unavailable(_) | ApiError::Shared(_) | ApiError::NotForwarded => {
                 let detail = match &self {
                     ApiError::Unavailable(error) => error.to_string(),
@@ -183,6 +196,91 @@ pub async fn refuse_while_draining(
         return response;
     }
     next.run(request).await
+}
+
+/// Longest `Origin` written to the log of a refusal.
+const ORIGIN_LOG_CHARS: usize = 200;
+
+/// What the gateway checks and learns on every Socket.IO request:
+///
+/// - a browser `Origin` that `CELLGATE_ALLOWED_ORIGINS` does not allow is
+///   refused with 403, polling and the WebSocket upgrade alike (WebSockets
+///   are not subject to CORS, so only the server can refuse them);
+/// - a WebSocket upgrade answered `101` starts the payload meter of its
+///   connection and, for an upgrade of a polling session, tells which
+///   connection carries that socket (to close a dashboard too slow for its
+///   queue);
+/// - a polling body over `CELLGATE_MAX_SOCKET_PAYLOAD_BYTES` (Engine.IO
+///   answers 413 and closes the session) is counted.
+pub async fn guard_socket_io(
+    State(app): State<App>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !request.uri().path().starts_with("/socket.io") {
+        return next.run(request).await;
+    }
+    let limits = app.limits();
+    if let Some(origin) = request.headers().get(header::ORIGIN) {
+        let host = request
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        let allowed = origin
+            .to_str()
+            .is_ok_and(|origin| limits.origins().allows(origin, host));
+        if !allowed {
+            app.metrics().origin_refusals.inc();
+            let shown: String = String::from_utf8_lossy(origin.as_bytes())
+                .chars()
+                .take(ORIGIN_LOG_CHARS)
+                .collect();
+            tracing::info!(
+                origin = shown,
+                "Socket.IO request refused: origin not in CELLGATE_ALLOWED_ORIGINS"
+            );
+            let body = json!({ "error": "origin_not_allowed",
+                               "detail": "this origin may not use the gateway" });
+            return (StatusCode::FORBIDDEN, Json(body)).into_response();
+        }
+    }
+    let query = request.uri().query().unwrap_or_default().to_string();
+    let param = |name: &str| {
+        form_urlencoded::parse(query.as_bytes())
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.into_owned())
+    };
+    let websocket = param("transport").as_deref() == Some("websocket");
+    let polling_post = !websocket && request.method() == axum::http::Method::POST;
+    let connection = websocket
+        .then(|| limits.connection_of(request.extensions()))
+        .flatten();
+    let sid = param("sid");
+
+    let response = next.run(request).await;
+    match response.status() {
+        StatusCode::SWITCHING_PROTOCOLS if websocket => {
+            if let Some(connection) = connection {
+                // Set before the 101 is written: the client's frames follow it.
+                connection.websocket_started();
+                if let Some(sid) = sid {
+                    limits.transports().register(&sid, &connection);
+                }
+            }
+        }
+        StatusCode::PAYLOAD_TOO_LARGE if polling_post => {
+            app.metrics()
+                .socket_payloads_too_large
+                .with_label_values(&["polling"])
+                .inc();
+            tracing::info!(
+                sid = sid.as_deref().unwrap_or(""),
+                "polling body over CELLGATE_MAX_SOCKET_PAYLOAD_BYTES; the session is closed"
+            );
+        }
+        _ => {}
+    }
+    response
 }
 
 /// Largest Engine.IO error body rewritten by [`standard_engineio_errors`].

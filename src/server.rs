@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use socketioxide::SocketIo;
+use socketioxide::{ParserConfig, SocketIo};
 use socketioxide_redis::{CustomRedisAdapter, RedisAdapterConfig, RedisAdapterCtr};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -24,15 +24,9 @@ use crate::config::{Profile, ResolvedSettings, redact_url};
 use crate::directory::Directory;
 use crate::directory::cache::{CacheTimes, DirectoryCache};
 use crate::drain::{Connection, Drain, DrainableListener};
+use crate::limits::{GuardedListener, Limits};
 use crate::live::Live;
 use crate::metrics::Metrics;
-
-/// Largest Socket.IO packet a dashboard may send, in bytes.
-const MAX_SOCKET_PAYLOAD: u64 = 64 * 1024;
-
-/// Packets queued per dashboard before it counts as too slow. A full
-/// 500-event batch is 500 `cell_executed` plus up to 500 `seat_updated`.
-const OUTGOING_BUFFER_PACKETS: usize = 4096;
 
 /// A gateway that is listening.
 pub struct Running {
@@ -127,9 +121,16 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         jwt_leeway_secs: s.jwt_leeway_secs,
     };
     let drain = Drain::new();
+    let limits = Limits::new(&settings.limits);
+    // One payload limit for both transports: a polling body, a WebSocket
+    // message (and frame), and the binary attachments of one packet.
+    let payload = s.max_socket_payload_bytes;
     let builder = SocketIo::builder()
-        .max_payload(MAX_SOCKET_PAYLOAD)
-        .max_buffer_size(OUTGOING_BUFFER_PACKETS);
+        .max_payload(payload as u64)
+        .ws_max_message_size(payload)
+        .ws_max_frame_size(payload)
+        .with_parser(ParserConfig::common().max_incoming_binary_buf_size(payload))
+        .max_buffer_size(s.socket_queue_packets);
 
     let Some(redis_url) = &s.redis_url else {
         let (layer, io) = builder.build_layer();
@@ -144,6 +145,7 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
             live,
             cluster_health: None,
             drain,
+            limits,
         };
         let app = App::new(parts);
         crate::realtime::register(&io, app.clone());
@@ -178,6 +180,7 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         live,
         cluster_health,
         drain,
+        limits,
     };
     let app = App::new(parts);
     crate::realtime::register(&io, app.clone())
@@ -202,10 +205,17 @@ fn with_socket_io<A: socketioxide::adapter::Adapter>(
     let guard =
         axum::middleware::from_fn_with_state(app.clone(), crate::http::refuse_while_draining);
     let standard = axum::middleware::from_fn(crate::http::standard_engineio_errors);
-    crate::http::router(app.clone())
+    let socket_io = axum::middleware::from_fn_with_state(app.clone(), crate::http::guard_socket_io);
+    let router = crate::http::router(app.clone())
         .layer(layer)
         .layer(standard)
         .layer(guard)
+        .layer(socket_io);
+    // Outermost, so that preflight requests are answered before anything.
+    match app.limits().origins().cors() {
+        Some(cors) => router.layer(cors),
+        None => router,
+    }
 }
 
 /// Refreshes this pod's sessions and presence in Redis every `period` (a
@@ -272,7 +282,22 @@ async fn listen(
     let metrics_addr = metrics_listener.local_addr()?;
 
     let (shutdown, watch) = tokio::sync::watch::channel(false);
-    let listener = DrainableListener::new(listener, app.drain().clone());
+    let listener = GuardedListener::new(
+        DrainableListener::new(listener, app.drain().clone()),
+        s.max_socket_payload_bytes as u64,
+        app.metrics()
+            .socket_payloads_too_large
+            .with_label_values(&["websocket"]),
+        app.limits().connections().clone(),
+    );
+    let socket_limits = &app.metrics().socket_limits;
+    socket_limits
+        .with_label_values(&["pod"])
+        .set(i64::from(s.max_sockets));
+    socket_limits
+        .with_label_values(&["instructor"])
+        .set(i64::from(s.max_sockets_per_instructor));
+    tokio::spawn(app.limits().clone().maintain(app.metrics().clone()));
     let server = tokio::spawn(serve_app_until(listener, router, watch.clone()));
     tokio::spawn(count_open_help_requests(app.clone()));
     let metrics_router = crate::http::metrics_router(app.clone());
@@ -337,7 +362,7 @@ where
 /// Like [`serve_until`] for the app listener, whose requests know their
 /// connection (the drain closes those that carry Socket.IO).
 async fn serve_app_until(
-    listener: DrainableListener,
+    listener: GuardedListener<DrainableListener>,
     router: axum::Router,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<()> {

@@ -88,6 +88,9 @@ async fn ingest(
     let classroom_id = claims.classroom.clone().ok_or(ApiError::Forbidden(
         "the student token names no classroom".into(),
     ))?;
+    if let Err(wait) = app.limits().ingest(token) {
+        return Err(ApiError::RateLimited(wait.seconds()));
+    }
 
     let span = tracing::Span::current();
     span.record("classroom", classroom_id.as_str());

@@ -2,10 +2,11 @@
 //! things it can do to one: close it at once, and measure the messages a
 //! WebSocket client sends on it.
 //!
-//! Every request carries its connection's [`Peer`] (axum's `ConnectInfo`):
-//! the peer address, which the handshake rate limit starts from, and the
-//! kill switch, which closes a dashboard whose outgoing queue is full (a
-//! Socket.IO disconnect needs room in that very queue, so it cannot).
+//! Every request carries its connection's [`Connection`] (axum's
+//! `ConnectInfo`, shared with the drain), whose peer address finds the
+//! connection's [`ConnState`] in [`Connections`]: the kill switch, which
+//! closes a dashboard whose outgoing queue is full (a Socket.IO disconnect
+//! needs room in that very queue, so it cannot).
 //!
 //! Once a connection has switched to WebSocket (the HTTP layer calls
 //! [`ConnState::websocket_started`] on the `101` answer), [`FrameMeter`]
@@ -14,12 +15,13 @@
 //! that one, and is counted: engineioxide enforces the same limit too, but
 //! closes silently, so without the meter no metric could tell.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll, ready};
 
 use axum::extract::connect_info::Connected;
@@ -27,6 +29,8 @@ use axum::serve::{IncomingStream, Listener};
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::drain::{Connection, DrainableListener};
 
 /// One accepted connection, shared by its stream and its requests.
 #[derive(Debug)]
@@ -58,16 +62,55 @@ impl ConnState {
     }
 }
 
-/// axum's `ConnectInfo` of the app listener.
-#[derive(Debug, Clone)]
-pub struct Peer(pub Arc<ConnState>);
+impl Connected<IncomingStream<'_, GuardedListener<DrainableListener>>> for Connection {
+    fn connect_info(stream: IncomingStream<'_, GuardedListener<DrainableListener>>) -> Self {
+        Connection {
+            id: stream.io().inner().id(),
+            remote: *stream.remote_addr(),
+        }
+    }
+}
 
-impl<L> Connected<IncomingStream<'_, GuardedListener<L>>> for Peer
-where
-    L: Listener<Addr = SocketAddr>,
-{
-    fn connect_info(stream: IncomingStream<'_, GuardedListener<L>>) -> Self {
-        Peer(stream.io().state.clone())
+/// The open connections, by peer address (unique among the connections
+/// open on one listener).
+#[derive(Debug, Default)]
+pub struct Connections(Mutex<HashMap<SocketAddr, Weak<ConnState>>>);
+
+impl Connections {
+    /// The open connection from `peer`.
+    pub fn get(&self, peer: SocketAddr) -> Option<Arc<ConnState>> {
+        self.0
+            .lock()
+            .expect("connections lock")
+            .get(&peer)
+            .and_then(Weak::upgrade)
+    }
+
+    /// Connections open now.
+    pub fn len(&self) -> usize {
+        self.0.lock().expect("connections lock").len()
+    }
+
+    /// Whether none is open.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn insert(&self, state: &Arc<ConnState>) {
+        self.0
+            .lock()
+            .expect("connections lock")
+            .insert(state.peer, Arc::downgrade(state));
+    }
+
+    fn remove(&self, state: &Arc<ConnState>) {
+        let mut map = self.0.lock().expect("connections lock");
+        if map
+            .get(&state.peer)
+            .is_some_and(|w| std::ptr::eq(w.as_ptr(), Arc::as_ptr(state)))
+        {
+            map.remove(&state.peer);
+        }
     }
 }
 
@@ -76,16 +119,24 @@ pub struct GuardedListener<L> {
     inner: L,
     payload_limit: u64,
     oversized: IntCounter,
+    connections: Arc<Connections>,
 }
 
 impl<L> GuardedListener<L> {
     /// WebSocket messages over `payload_limit` bytes close their
-    /// connection and count in `oversized`.
-    pub fn new(inner: L, payload_limit: u64, oversized: IntCounter) -> Self {
+    /// connection and count in `oversized`; open connections are listed
+    /// in `connections`.
+    pub fn new(
+        inner: L,
+        payload_limit: u64,
+        oversized: IntCounter,
+        connections: Arc<Connections>,
+    ) -> Self {
         GuardedListener {
             inner,
             payload_limit,
             oversized,
+            connections,
         }
     }
 }
@@ -105,6 +156,7 @@ where
             kill: kill.clone(),
             websocket: AtomicBool::new(false),
         });
+        self.connections.insert(&state);
         let stream = GuardedStream {
             inner: io,
             state,
@@ -112,6 +164,7 @@ where
             dead: false,
             meter: FrameMeter::new(self.payload_limit),
             oversized: self.oversized.clone(),
+            connections: self.connections.clone(),
         };
         (stream, peer)
     }
@@ -130,6 +183,13 @@ pub struct GuardedStream<S> {
     dead: bool,
     meter: FrameMeter,
     oversized: IntCounter,
+    connections: Arc<Connections>,
+}
+
+impl<S> Drop for GuardedStream<S> {
+    fn drop(&mut self) {
+        self.connections.remove(&self.state);
+    }
 }
 
 impl<S> GuardedStream<S> {
@@ -370,10 +430,13 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let oversized = IntCounter::new("oversized_total", "test").unwrap();
-        let mut guarded = GuardedListener::new(listener, limit, oversized.clone());
+        let connections = Arc::new(Connections::default());
+        let mut guarded =
+            GuardedListener::new(listener, limit, oversized.clone(), connections.clone());
         let client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, peer) = Listener::accept(&mut guarded).await;
         assert_eq!(peer, client.local_addr().unwrap());
+        assert!(Arc::ptr_eq(&connections.get(peer).unwrap(), &server.state));
         (client, server, oversized)
     }
 

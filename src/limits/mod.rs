@@ -17,25 +17,31 @@ pub mod origin;
 pub mod rate;
 pub mod sockets;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use axum::extract::ConnectInfo;
 
 pub use client_addr::TrustedProxies;
-pub use conn::{ConnState, GuardedListener, Peer};
+pub use conn::{ConnState, Connections, GuardedListener};
 pub use origin::AllowedOrigins;
 pub use rate::RetryAfter;
 pub use sockets::{SocketCounts, SocketLimit, SocketSlot};
 
+use crate::drain::Connection;
 use crate::metrics::Metrics;
 use rate::KeyedRate;
 
 /// How often rate-limit keys with a full budget again are dropped.
 const PRUNE_EVERY: Duration = Duration::from_secs(10);
+
+/// How long a dashboard found too slow stays marked: past its disconnect,
+/// since broadcasts already under way may still find its queue full (sids
+/// are never reused, so a late mark harms nobody).
+const SLOW_MARK_TTL: Duration = Duration::from_secs(60);
 
 /// The limit settings, as resolved from `CELLGATE_*`.
 #[derive(Debug, Clone)]
@@ -66,6 +72,7 @@ pub struct Limits {
     trusted: TrustedProxies,
     origins: AllowedOrigins,
     transports: Transports,
+    connections: Arc<Connections>,
     /// Keys ingest budgets by a hash of the token, not the token itself.
     token_hasher: RandomState,
 }
@@ -80,6 +87,7 @@ impl Limits {
             trusted: settings.trusted_proxies.clone(),
             origins: settings.origins.clone(),
             transports: Transports::default(),
+            connections: Arc::new(Connections::default()),
             token_hasher: RandomState::new(),
         })
     }
@@ -88,8 +96,22 @@ impl Limits {
     /// say in `X-Forwarded-For`. `None` when the request did not come
     /// through the gateway's listener (tests that call the router alone).
     pub fn client_addr(&self, parts: &http::request::Parts) -> Option<IpAddr> {
-        let peer = parts.extensions.get::<ConnectInfo<Peer>>()?;
-        Some(self.trusted.client(peer.0.0.peer().ip(), &parts.headers))
+        let connection = parts.extensions.get::<ConnectInfo<Connection>>()?;
+        Some(
+            self.trusted
+                .client(connection.0.remote.ip(), &parts.headers),
+        )
+    }
+
+    /// The connection a request arrived on, from its extensions.
+    pub fn connection_of(&self, extensions: &http::Extensions) -> Option<Arc<ConnState>> {
+        let connection = extensions.get::<ConnectInfo<Connection>>()?;
+        self.connections.get(connection.0.remote)
+    }
+
+    /// The open connections of the app listener ([`GuardedListener`]).
+    pub fn connections(&self) -> &Arc<Connections> {
+        &self.connections
     }
 
     /// Spends one handshake of `client`'s budget.
@@ -140,30 +162,37 @@ impl Limits {
 #[derive(Default)]
 pub struct Transports {
     by_sid: Mutex<HashMap<String, Weak<ConnState>>>,
-    slow: Mutex<HashSet<String>>,
+    slow: Mutex<HashMap<String, Instant>>,
 }
 
 impl Transports {
-    /// Socket `sid` speaks WebSocket on `conn`.
+    /// Socket `sid` speaks WebSocket on `conn`, unless another open
+    /// connection already claimed it (an upgrade is sent once per socket;
+    /// an upgrade request naming someone else's sid is refused by
+    /// Engine.IO and must not take the entry).
     pub fn register(&self, sid: &str, conn: &Arc<ConnState>) {
-        self.by_sid
-            .lock()
-            .expect("transports lock")
-            .insert(sid.to_string(), Arc::downgrade(conn));
+        let mut by_sid = self.by_sid.lock().expect("transports lock");
+        let taken = by_sid
+            .get(sid)
+            .is_some_and(|held| held.strong_count() > 0 && !held.ptr_eq(&Arc::downgrade(conn)));
+        if !taken {
+            by_sid.insert(sid.to_string(), Arc::downgrade(conn));
+        }
     }
 
     /// Socket `sid` is gone.
     pub fn forget(&self, sid: &str) {
         self.by_sid.lock().expect("transports lock").remove(sid);
-        self.slow.lock().expect("transports lock").remove(sid);
     }
 
     /// Marks `sid` too slow; `true` the first time.
     pub fn mark_slow(&self, sid: &str) -> bool {
-        self.slow
-            .lock()
-            .expect("transports lock")
-            .insert(sid.to_string())
+        let mut slow = self.slow.lock().expect("transports lock");
+        if slow.contains_key(sid) {
+            return false;
+        }
+        slow.insert(sid.to_string(), Instant::now());
+        true
     }
 
     /// Closes the connection of socket `sid`; `false` when it has none
@@ -191,6 +220,10 @@ impl Transports {
             .lock()
             .expect("transports lock")
             .retain(|_, conn| conn.strong_count() > 0);
+        self.slow
+            .lock()
+            .expect("transports lock")
+            .retain(|_, at| at.elapsed() < SLOW_MARK_TTL);
     }
 
     /// Entries held now.

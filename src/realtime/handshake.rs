@@ -10,6 +10,7 @@ use tracing::field::Empty;
 
 use crate::app::{App, Session};
 use crate::auth::{Refusal, Role, bearer};
+use crate::limits::{SocketLimit, SocketSlot};
 use crate::model::timestamp;
 
 /// Accepts or refuses a handshake. On success the socket carries its
@@ -65,6 +66,10 @@ async fn decide<A: Adapter>(
             if let Err(error) = app.add_session(session.clone()).instrument(register).await {
                 // Other pods could not see this dashboard; refuse rather
                 // than serve it half-present.
+                if let Some(slot) = s.extensions.get::<Arc<SocketSlot>>() {
+                    slot.release();
+                }
+                app.limits().transports().forget(&s.id.to_string());
                 tracing::warn!(sid = %s.id, %error, "session not shared; refusing");
                 metrics
                     .auth_failures
@@ -126,6 +131,17 @@ async fn check<A: Adapter>(
     s: &SocketRef<A>,
     auth: Option<serde_json::Value>,
 ) -> Result<Arc<Session>, Refused> {
+    // The cheap refusals first: a flood or a full pod costs no signature
+    // check and no directory lookup.
+    let limits = app.limits();
+    if let Some(client) = limits.client_addr(s.req_parts())
+        && limits.handshake(client).is_err()
+    {
+        return Err((Refusal::RateLimited, None));
+    }
+    if !limits.sockets().pod_has_room() {
+        return Err((Refusal::ServerFull, None));
+    }
     let token = token_of(app, s, auth.as_ref()).ok_or((Refusal::invalid("no token"), None))?;
     let claims = app
         .verifier()
@@ -148,6 +164,21 @@ async fn check<A: Adapter>(
     if !instructor.is_active {
         return Err((Refusal::InstructorInactive, Some(instructor.id)));
     }
+    let slot = limits.sockets().open(&instructor.id).map_err(|limit| {
+        let refusal = match limit {
+            SocketLimit::Instructor => Refusal::TooManyConnections,
+            SocketLimit::Pod => Refusal::ServerFull,
+        };
+        (refusal, Some(instructor.id.clone()))
+    })?;
+    s.extensions.insert(Arc::new(slot));
+    if opened_as_websocket(s.req_parts())
+        && let Some(connection) = limits.connection_of(&s.req_parts().extensions)
+    {
+        // A WebSocket from the start: the handshake's connection is the
+        // socket's (an upgraded one is told by the HTTP layer).
+        limits.transports().register(&s.id.to_string(), &connection);
+    }
 
     s.extensions
         .insert(super::expiry::TokenLife::new(app, claims.exp));
@@ -159,6 +190,13 @@ async fn check<A: Adapter>(
         connected_at: timestamp(chrono::Utc::now()),
         classrooms: Mutex::new(Vec::new()),
     }))
+}
+
+/// Whether the Engine.IO session began as a WebSocket (not a polling
+/// session that upgraded later).
+fn opened_as_websocket(parts: &http::request::Parts) -> bool {
+    let query = parts.uri.query().unwrap_or_default().as_bytes();
+    form_urlencoded::parse(query).any(|(key, value)| key == "transport" && value == "websocket")
 }
 
 /// The token from `auth.token`, else `Authorization: Bearer`, else (only

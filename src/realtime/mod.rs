@@ -20,6 +20,7 @@ use socketioxide::socket::DisconnectReason;
 use socketioxide_core::adapter::DefinedAdapter;
 
 use crate::app::{App, Session};
+use crate::limits::SocketSlot;
 use crate::model::{InstructorStatus, timestamp};
 
 /// The only namespace dashboards use.
@@ -69,6 +70,9 @@ fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
     if let Some(life) = s.extensions.get::<Arc<expiry::TokenLife>>() {
         expiry::watch(&app, &s, life);
     }
+    // Its own room, so that a broadcast to the cluster can leave out the
+    // dashboards this node serves itself (`App::broadcast`).
+    s.join(s.id.to_string());
     events::register(&app, &s);
     let disconnect_app = app.clone();
     s.on_disconnect(move |s: SocketRef<A>, reason: DisconnectReason| {
@@ -81,6 +85,9 @@ async fn disconnected<A: Adapter>(app: App, s: SocketRef<A>, reason: DisconnectR
     if let Some(life) = s.extensions.get::<Arc<expiry::TokenLife>>() {
         life.stop();
     }
+    if let Some(slot) = s.extensions.get::<Arc<SocketSlot>>() {
+        slot.release();
+    }
     let metrics = app.metrics();
     metrics
         .connected_sockets
@@ -88,6 +95,7 @@ async fn disconnected<A: Adapter>(app: App, s: SocketRef<A>, reason: DisconnectR
         .dec();
     let closed = [NAMESPACE, crate::metrics::close_reason(reason)];
     metrics.connections_closed.with_label_values(&closed).inc();
+    app.limits().transports().forget(&s.id.to_string());
     let Some(session) = app.remove_session(&s.id.to_string()) else {
         return;
     };

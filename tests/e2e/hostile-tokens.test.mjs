@@ -46,6 +46,9 @@ describe('hostile and broken tokens', { concurrency: false }, () => {
         CELLGATE_JWT_AUDIENCE: AUD,
         CELLGATE_JWT_KEY_ID: KEY_ID,
         CELLGATE_JWT_PREVIOUS_SECRETS: '["the-secret-of-last-term-which-is-long-enough-too"]',
+        // Over a hundred handshakes from 127.0.0.1 in a few seconds: the
+        // handshake rate limit (limits.test.mjs) would answer rate_limited.
+        CELLGATE_HANDSHAKES_PER_MINUTE: '0',
       },
     });
     await seedDirectory(gw);
