@@ -91,6 +91,9 @@ export class SocketIO {
     this.headers = opts.headers || {};
     this.tags = opts.tags || {};
     this.connectTimeoutMs = opts.connectTimeoutMs || 10000;
+    // The Engine.IO open packet comes first, at once: waiting for it longer
+    // than this is a stalled handshake (TransportFailure 'open_timeout').
+    this.openTimeoutMs = opts.openTimeoutMs || 5000;
     this.ackTimeoutMs = opts.ackTimeoutMs || 10000;
 
     this.ws = null;
@@ -157,6 +160,12 @@ export class SocketIO {
         this.failConnect(new TransportFailure('timeout', `no answer within ${this.connectTimeoutMs} ms (${this.transport}; reached: ${reached})`));
       });
       this.connecting = { resolve, reject, timer };
+      after(this.openTimeoutMs, () => {
+        if (this.connecting && this.timings.eioOpen === undefined) {
+          const reached = Object.keys(this.timings).map((k) => `${k}@${this.timings[k]}ms`).join(' ') || 'nothing';
+          this.failConnect(new TransportFailure('open_timeout', `no Engine.IO open packet within ${this.openTimeoutMs} ms (${this.transport}; reached: ${reached})`));
+        }
+      });
       try {
         if (this.transport === 'polling') this.openPolling();
         else this.openWebSocket(null);
