@@ -265,6 +265,14 @@ def test_configmap_holds_the_gateway_settings(render):
         "CELLGATE_ALLOW_QUERY_TOKEN": "false",
         "CELLGATE_DRAIN_SECS": "10",
         "CELLGATE_JWT_LEEWAY_SECS": "30",
+        "CELLGATE_HANDSHAKES_PER_MINUTE": "120",
+        "CELLGATE_HANDSHAKE_BURST": "60",
+        "CELLGATE_INGEST_PER_MINUTE": "600",
+        "CELLGATE_INGEST_BURST": "120",
+        "CELLGATE_MAX_SOCKET_PAYLOAD_BYTES": "65536",
+        "CELLGATE_MAX_SOCKETS_PER_INSTRUCTOR": "20",
+        "CELLGATE_MAX_SOCKETS": "10000",
+        "CELLGATE_SOCKET_QUEUE_PACKETS": "4096",
     }
     given = render(
         {"config": {"jwt": {"issuer": "https://sso.example.edu", "audience": "cellgate",
@@ -274,6 +282,19 @@ def test_configmap_holds_the_gateway_settings(render):
     assert given["CELLGATE_JWT_AUDIENCE"] == "cellgate"
     # The gateway parses the variable as a list, like `["RS256"]` in its --help.
     assert json.loads(given["CELLGATE_JWT_ALGORITHMS"]) == ["RS256", "ES256"]
+
+
+def test_origins_proxies_and_limits_reach_the_gateway(render):
+    data = render(
+        {"config": {"allowedOrigins": ["https://dash.example.edu"],
+                    "trustedProxies": ["10.0.0.0/8", "fd00::/8"],
+                    "limits": {"handshakesPerMinute": 0, "maxSockets": 2500}}}
+    ).one("ConfigMap")["data"]
+    assert json.loads(data["CELLGATE_ALLOWED_ORIGINS"]) == ["https://dash.example.edu"]
+    assert json.loads(data["CELLGATE_TRUSTED_PROXIES"]) == ["10.0.0.0/8", "fd00::/8"]
+    assert data["CELLGATE_HANDSHAKES_PER_MINUTE"] == "0"
+    assert data["CELLGATE_MAX_SOCKETS"] == "2500"
+    assert data["CELLGATE_SOCKET_QUEUE_PACKETS"] == "4096", "the other limits keep their defaults"
 
 
 @pytest.mark.parametrize("name", PROFILE_IDS)

@@ -157,6 +157,22 @@ CELLGATE_DEFAULT_SEATS: {{ .Values.config.defaultSeats | int64 | quote }}
 CELLGATE_ALLOW_QUERY_TOKEN: {{ .Values.config.allowQueryToken | toString | quote }}
 CELLGATE_DRAIN_SECS: {{ .Values.config.drainSecs | int64 | quote }}
 CELLGATE_JWT_LEEWAY_SECS: {{ .Values.config.jwt.leewaySecs | int64 | quote }}
+{{- with .Values.config.limits }}
+CELLGATE_HANDSHAKES_PER_MINUTE: {{ .handshakesPerMinute | int64 | quote }}
+CELLGATE_HANDSHAKE_BURST: {{ .handshakeBurst | int64 | quote }}
+CELLGATE_INGEST_PER_MINUTE: {{ .ingestPerMinute | int64 | quote }}
+CELLGATE_INGEST_BURST: {{ .ingestBurst | int64 | quote }}
+CELLGATE_MAX_SOCKET_PAYLOAD_BYTES: {{ .maxSocketPayloadBytes | int64 | quote }}
+CELLGATE_MAX_SOCKETS_PER_INSTRUCTOR: {{ .maxSocketsPerInstructor | int64 | quote }}
+CELLGATE_MAX_SOCKETS: {{ .maxSockets | int64 | quote }}
+CELLGATE_SOCKET_QUEUE_PACKETS: {{ .socketQueuePackets | int64 | quote }}
+{{- end }}
+{{- with .Values.config.allowedOrigins }}
+CELLGATE_ALLOWED_ORIGINS: {{ toJson . | quote }}
+{{- end }}
+{{- with .Values.config.trustedProxies }}
+CELLGATE_TRUSTED_PROXIES: {{ toJson . | quote }}
+{{- end }}
 {{- with .Values.config.jwt.issuer }}
 CELLGATE_JWT_ISSUER: {{ . | quote }}
 {{- end }}
