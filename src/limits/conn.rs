@@ -461,6 +461,17 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_closed_connection_leaves_the_list() {
+        let (client, server, _) = guarded_pair(100).await;
+        let peer = client.local_addr().unwrap();
+        let connections = server.connections.clone();
+        assert_eq!(connections.len(), 1);
+        drop(server);
+        assert!(connections.get(peer).is_none());
+        assert!(connections.is_empty());
+    }
+
+    #[tokio::test]
     async fn an_oversized_websocket_message_closes_only_its_connection() {
         let (mut client, mut server, oversized) = guarded_pair(100).await;
         // HTTP before the switch is not metered.

@@ -236,3 +236,27 @@ impl Transports {
         self.len() == 0
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slow_dashboard_is_counted_once_even_after_it_left() {
+        let transports = Transports::default();
+        assert!(transports.mark_slow("sid-1"));
+        transports.forget("sid-1");
+        assert!(
+            !transports.mark_slow("sid-1"),
+            "a broadcast under way at its disconnect finds it full again"
+        );
+        assert!(transports.mark_slow("sid-2"));
+    }
+
+    #[test]
+    fn an_unknown_or_closed_connection_cannot_be_killed() {
+        let transports = Transports::default();
+        assert!(!transports.kill("nobody"));
+        assert!(transports.is_empty());
+    }
+}
