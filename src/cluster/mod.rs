@@ -31,6 +31,12 @@ use peers::Peers;
 /// Oldest Redis major version with sharded pub/sub.
 const MIN_REDIS_MAJOR: u32 = 7;
 
+/// Pub/sub messages fred keeps for the dispatcher before the oldest are
+/// lost. fred's default of 32 overflowed under CPU pressure (a 200-seat
+/// burst with the pod short of CPU): events answered 202 never reached
+/// this pod's dashboards. The adapter's own streams hold 1,024.
+const MESSAGE_BACKLOG: usize = 4096;
+
 /// How long one Redis command may take before it fails.
 const COMMAND_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -125,7 +131,10 @@ impl Cluster {
         let builder = || {
             let mut builder = fred::types::Builder::from_config(config.clone());
             builder
-                .with_performance_config(|p| p.default_command_timeout = COMMAND_TIMEOUT)
+                .with_performance_config(|p| {
+                    p.default_command_timeout = COMMAND_TIMEOUT;
+                    p.broadcast_channel_capacity = MESSAGE_BACKLOG;
+                })
                 .with_connection_config(|c| c.connection_timeout = COMMAND_TIMEOUT)
                 .set_policy(ReconnectPolicy::new_exponential(
                     0,
