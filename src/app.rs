@@ -452,17 +452,17 @@ impl App {
             .await?;
         let mut sessions = self.inner.sessions.lock().expect("sessions lock");
         sessions.insert(session.sid.clone(), session);
+        self.inner.metrics.sessions.set(sessions.len() as i64);
         Ok(())
     }
 
     /// Removes a dashboard's session from this pod; the caller closes it in
     /// shared storage once the socket has left its classrooms.
     pub fn remove_session(&self, sid: &str) -> Option<Arc<Session>> {
-        self.inner
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .remove(sid)
+        let mut sessions = self.inner.sessions.lock().expect("sessions lock");
+        let removed = sessions.remove(sid);
+        self.inner.metrics.sessions.set(sessions.len() as i64);
+        removed
     }
 
     /// This pod's sessions.

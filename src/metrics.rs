@@ -89,6 +89,9 @@ pub struct Metrics {
     pub auth_failures: IntCounterVec,
     /// Dashboards connected to this pod now, by `namespace`.
     pub connected_sockets: IntGaugeVec,
+    /// Sessions this pod holds: one per authenticated dashboard socket, from
+    /// the handshake until its disconnect clean-up.
+    pub sessions: IntGauge,
     /// Dashboard connections accepted, by `namespace`.
     pub connections_opened: IntCounterVec,
     /// Dashboard connections ended, by `namespace` and close `reason`.
@@ -187,6 +190,13 @@ impl Metrics {
                         "Dashboards connected to this pod, by Socket.IO namespace.",
                     ),
                     &["namespace"],
+                ),
+            ),
+            sessions: register(
+                &r,
+                IntGauge::new(
+                    "cellgate_sessions_sockets",
+                    "Dashboard sessions this pod holds (one per authenticated socket).",
                 ),
             ),
             connections_opened: register(
