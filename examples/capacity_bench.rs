@@ -25,6 +25,11 @@
 //! `cellgate serve --profile production` (`RUST_LOG=warn`, free loopback
 //! ports), waits for `/readyz` and stops it (SIGTERM) afterwards. The
 //! database is dropped at the end, also after an error, Ctrl-C or SIGTERM.
+//! What is measured is capacity, not the limits: the gateways run with
+//! the per-address handshake budget and the per-token ingest budget off
+//! and the socket limits (20 per instructor, 10,000 per pod) raised to a
+//! million (`CELLGATE_HANDSHAKES_PER_MINUTE=0`, `CELLGATE_INGEST_PER_MINUTE=0`,
+//! `CELLGATE_MAX_SOCKETS_PER_INSTRUCTOR`, `CELLGATE_MAX_SOCKETS`).
 //!
 //! - **handshakes**: `--sockets` WebSocket Socket.IO handshakes with valid
 //!   JWTs, `--in-flight` at a time, every socket kept open until the last is
@@ -39,7 +44,9 @@
 //!   `--p99-limit-ms`, a delivery lost, a POST not answered 202, or the
 //!   gateway unable to keep up with the schedule), then is bisected
 //!   `--refine` times between the last passing and the first failing rate.
-//!   The last passing rate is the figure.
+//!   A step that failed on latency alone is run once more (`--retries`)
+//!   before it counts, so that one slow stretch of a shared machine does
+//!   not end the search. The largest passing rate is the figure.
 //! - **memory**: `--connections` idle authenticated connections (no
 //!   classroom joined), RSS (`VmRSS` of `/proc/<pid>/status`) read at each
 //!   `--checkpoints` count after `--settle-secs`; per connection = (RSS −
@@ -117,6 +124,10 @@ struct Args {
     /// fanout: seconds of posting per step.
     #[arg(long, default_value_t = 10.0)]
     step_secs: f64,
+    /// fanout: times a step that failed on latency alone is run again
+    /// before it counts as failed.
+    #[arg(long, default_value_t = 1)]
+    retries: usize,
     /// fanout: bisection steps after the first failure.
     #[arg(long, default_value_t = 3)]
     refine: usize,
@@ -310,6 +321,7 @@ impl Bench<'_> {
             self.data_dir,
             count,
             redis,
+            &fanout::CAPACITY_LIMITS,
             &self.http,
         )
         .await
@@ -533,6 +545,7 @@ impl Bench<'_> {
             .unwrap_or((20_000.0 / audience.size as f64).max(1.0));
         let mut failed_at: Option<f64> = None;
         let mut refined = 0;
+        let mut retried = 0;
         for step in 0..fanout::MAX_STEPS {
             let plan = StepPlan {
                 step,
@@ -541,7 +554,17 @@ impl Bench<'_> {
                 label: format!("{name} @ {rate:.1} ev/s"),
             };
             let result = poster.run_step(&plan, audience, tally, pods).await?;
-            let verdict = self.verdict(&result, &plan);
+            let (verdict, slow_only) = match self.verdict(&result, &plan) {
+                Some((why, slow_only)) => (Some(why), slow_only),
+                None => (None, false),
+            };
+            // One slow stretch (another tenant's build) should not end the
+            // search: a step that failed on latency alone is run again.
+            let again = slow_only && retried < args.retries;
+            let verdict = match verdict {
+                Some(why) if again => Some(format!("{why}; run again")),
+                other => other,
+            };
             progress(&format!(
                 "{name} @ {rate:.1} ev/s: {} | p50 {} p99 {} ms | delivered {}/{} | gateway {:.0}% + generator {:.0}% CPU",
                 verdict.as_deref().unwrap_or("pass"),
@@ -559,13 +582,19 @@ impl Bench<'_> {
                 if run.best.as_ref().is_none_or(|b| b.rate < rate) {
                     run.best = Some(result);
                 }
-            } else {
+            } else if !again {
                 failed_at = Some(failed_at.map_or(rate, |f| f.min(rate)));
             }
             if dropped > 0 {
                 run.stopped = format!("{dropped} dashboards disconnected");
                 return Ok(());
             }
+            if again {
+                retried += 1;
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            retried = 0;
             let best = run.best.as_ref().map(|b| b.rate);
             rate = match (best, failed_at) {
                 (_, None) if rate * 2.0 > args.max_rate => {
@@ -593,32 +622,35 @@ impl Bench<'_> {
         Ok(())
     }
 
-    /// `None` when the step passes, else why not.
-    fn verdict(&self, r: &StepResult, plan: &StepPlan) -> Option<String> {
+    /// `None` when the step passes, else why not and whether latency alone
+    /// failed it.
+    fn verdict(&self, r: &StepResult, plan: &StepPlan) -> Option<(String, bool)> {
         let limit = self.args.p99_limit_ms;
         if r.rejected > 0 {
-            return Some(format!(
-                "{} POSTs not accepted ({})",
-                r.rejected,
-                r.first_error.as_deref().unwrap_or("?")
+            let first = r.first_error.as_deref().unwrap_or("?");
+            return Some((
+                format!("{} POSTs not accepted ({first})", r.rejected),
+                false,
             ));
         }
         if r.lost() > 0 {
-            return Some(format!(
+            let why = format!(
                 "{} deliveries lost ({} cluster messages dropped)",
                 r.lost(),
                 r.cluster_dropped
-            ));
+            );
+            return Some((why, false));
         }
         if r.behind > 0 || r.post_secs > plan.secs * 1.05 + 0.2 {
-            return Some(format!(
+            let why = format!(
                 "posting fell behind ({:.1} s for {} s)",
                 r.post_secs, plan.secs
-            ));
+            );
+            return Some((why, false));
         }
         match r.p99 {
-            Some(p99) if p99 >= limit => Some(format!("p99 {p99:.1} ms ≥ {limit} ms")),
-            None => Some("nothing delivered".into()),
+            Some(p99) if p99 >= limit => Some((format!("p99 {p99:.1} ms ≥ {limit} ms"), true)),
+            None => Some(("nothing delivered".into(), false)),
             _ => None,
         }
     }

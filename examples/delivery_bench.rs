@@ -21,7 +21,9 @@
 //! 2. **one pod**: one `cellgate serve --profile production` without Redis;
 //!    **two pods**: two of them with `CELLGATE_REDIS_URL` and their own
 //!    `CELLGATE_NODE_ID`, on the same database. Each on free loopback ports,
-//!    `RUST_LOG=warn`; it waits for `/readyz`;
+//!    `RUST_LOG=warn`, default settings except the per-address handshake
+//!    budget, which is off (every dashboard comes from 127.0.0.1); it waits
+//!    for `/readyz`;
 //! 3. connects `--dashboards` dashboards (WebSocket Socket.IO, one
 //!    instructor each), which join the classroom: on one pod to that pod,
 //!    on two pods all to the second pod;
@@ -208,7 +210,17 @@ async fn one_run(
     progress(&format!(
         "{label}: starting {count} gateway(s); load average {load_before}"
     ));
-    let pods = fanout::start_pods(&args.gateway, &db.url(), data_dir, count, redis, &http).await?;
+    let limits = [fanout::NO_HANDSHAKE_LIMIT];
+    let pods = fanout::start_pods(
+        &args.gateway,
+        &db.url(),
+        data_dir,
+        count,
+        redis,
+        &limits,
+        &http,
+    )
+    .await?;
     let outcome = measure(args, &pods, classroom, &label).await;
     let peak_rss = pods
         .iter()

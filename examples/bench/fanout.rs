@@ -51,14 +51,32 @@ pub struct Pod {
     pub node: String,
 }
 
+/// The per-address handshake budget (120 a minute by default) is meant for
+/// browsers each on its own address; a load generator opens thousands of
+/// dashboards from a handful of loopback addresses, so every benchmark
+/// turns it off.
+pub const NO_HANDSHAKE_LIMIT: (&str, &str) = ("CELLGATE_HANDSHAKES_PER_MINUTE", "0");
+
+/// Limits a capacity measurement turns off or raises beyond what it opens:
+/// the handshake budget, the ingest budget per student token (600 a
+/// minute), dashboards per instructor (20 per pod) and per pod (10,000).
+pub const CAPACITY_LIMITS: [(&str, &str); 4] = [
+    NO_HANDSHAKE_LIMIT,
+    ("CELLGATE_INGEST_PER_MINUTE", "0"),
+    ("CELLGATE_MAX_SOCKETS_PER_INSTRUCTOR", "1000000"),
+    ("CELLGATE_MAX_SOCKETS", "1000000"),
+];
+
 /// Starts `count` production-profile gateways on one database, in cluster
-/// mode when `redis` is given; waits until each answers `/readyz`.
+/// mode when `redis` is given, with the settings `vars` on top; waits until
+/// each answers `/readyz`.
 pub async fn start_pods(
     binary: &Path,
     database_url: &str,
     data_dir: &Path,
     count: usize,
     redis: Option<&str>,
+    vars: &[(&str, &str)],
     http: &reqwest::Client,
 ) -> Result<Vec<Pod>> {
     let mut pods = Vec::with_capacity(count);
@@ -67,6 +85,9 @@ pub async fn start_pods(
         let mut env = GatewayEnv::new(database_url.to_string(), data_dir)?
             .production()
             .var("CELLGATE_NODE_ID", &node);
+        for (key, value) in vars {
+            env = env.var(key, value);
+        }
         if let Some(url) = redis {
             env = env.var("CELLGATE_REDIS_URL", url);
         }
