@@ -123,6 +123,7 @@ impl Directory {
             })?;
         }
 
+        let url = &*sqlite_creating(url);
         let pool = AnyPoolOptions::new()
             .max_connections(10)
             .min_connections(0)
@@ -190,6 +191,20 @@ impl Directory {
     }
 }
 
+/// A SQLite file URL that creates its file when missing, as
+/// `postgres://` users would expect: sqlx opens read-write only unless told
+/// `mode=rwc`. A `mode` the URL names is kept.
+fn sqlite_creating(url: &str) -> std::borrow::Cow<'_, str> {
+    let names_mode = url
+        .split_once('?')
+        .is_some_and(|(_, query)| query.split('&').any(|p| p.starts_with("mode=")));
+    if sqlite_path(url).is_none() || names_mode {
+        return url.into();
+    }
+    let joiner = if url.contains('?') { '&' } else { '?' };
+    format!("{url}{joiner}mode=rwc").into()
+}
+
 fn sqlite_path(url: &str) -> Option<&str> {
     let rest = url
         .strip_prefix("sqlite://")
@@ -213,6 +228,19 @@ mod tests {
             Some(".cellgate/x.db")
         );
         assert_eq!(sqlite_path("sqlite::memory:"), None);
+        assert_eq!(
+            sqlite_creating("sqlite://mine.db"),
+            "sqlite://mine.db?mode=rwc"
+        );
+        assert_eq!(
+            sqlite_creating("sqlite://a.db?cache=shared"),
+            "sqlite://a.db?cache=shared&mode=rwc"
+        );
+        assert_eq!(
+            sqlite_creating("sqlite://a.db?mode=ro"),
+            "sqlite://a.db?mode=ro"
+        );
+        assert_eq!(sqlite_creating("postgres://h/db"), "postgres://h/db");
         assert_eq!(sqlite_path("postgres://h/db"), None);
     }
 }

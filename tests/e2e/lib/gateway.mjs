@@ -86,13 +86,16 @@ export async function psql(sql) {
 }
 
 /**
- * The process environment without the harness's own knobs (CELLGATE_BIN,
- * CELLGATE_E2E_*): the gateway refuses CELLGATE_* variables it does not know.
+ * The process environment without the test knobs (CELLGATE_BIN,
+ * CELLGATE_E2E_*, and the Rust tests' CELLGATE_TEST_*): the gateway refuses
+ * CELLGATE_* variables it does not know.
  */
 function harnessFreeEnv() {
   const env = { ...process.env };
   for (const key of Object.keys(env)) {
-    if (key === 'CELLGATE_BIN' || key.startsWith('CELLGATE_E2E_')) delete env[key];
+    if (key === 'CELLGATE_BIN' || key.startsWith('CELLGATE_E2E_') || key.startsWith('CELLGATE_TEST_')) {
+      delete env[key];
+    }
   }
   return env;
 }
