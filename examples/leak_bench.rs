@@ -273,10 +273,10 @@ impl Cycler {
             .map(|i| {
                 let (me, done) = (self.clone(), done.clone());
                 async move {
-                    if let Err(error) = me.cycle(i).await {
-                        if me.failures.fetch_add(1, Ordering::Relaxed) < 5 {
-                            eprintln!("leak_bench: cycle {i}: {error:#}");
-                        }
+                    if let Err(error) = me.cycle(i).await
+                        && me.failures.fetch_add(1, Ordering::Relaxed) < 5
+                    {
+                        eprintln!("leak_bench: cycle {i}: {error:#}");
                     }
                     done.fetch_add(1, Ordering::Relaxed);
                 }
