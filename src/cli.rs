@@ -70,7 +70,7 @@ Limits (see the README's Limits section):
 #[derive(Debug, Parser)]
 #[command(version, about, after_long_help = ENVIRONMENT_HELP)]
 pub struct Cli {
-    /// TOML settings file [env: CELLGATE_CONFIG]
+    /// TOML settings file
     #[arg(long, global = true, env = "CELLGATE_CONFIG")]
     pub config: Option<PathBuf>,
     /// dev (embedded defaults) or production (every required setting must be given)

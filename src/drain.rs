@@ -117,6 +117,12 @@ impl Drain {
         self.connections.lock().expect("drain lock").len()
     }
 
+    /// Socket.IO connections still open.
+    pub fn open_realtime(&self) -> usize {
+        let connections = self.connections.lock().expect("drain lock");
+        connections.values().filter(|c| c.realtime).count()
+    }
+
     fn track(self: &Arc<Self>, stream: TcpStream) -> DrainableStream {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let token = CancellationToken::new();

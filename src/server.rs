@@ -394,10 +394,15 @@ impl Running {
             window_secs = window.as_secs_f64(),
             "draining"
         );
-        tokio::time::sleep(window).await;
+        // Over when the window is, or as soon as no dashboard is left (a
+        // pod with none need not wait the window out).
+        let ends = tokio::time::Instant::now() + window;
+        while tokio::time::Instant::now() < ends && self.app.drain().open_realtime() > 0 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         tracing::info!(
             left = self.app.drain().open_connections(),
-            "drain window over; shutting down"
+            "drain over; shutting down"
         );
     }
 

@@ -126,7 +126,10 @@ where
             caps.with_target(*target, Level::INFO)
         });
     let filter = wanted.and(capped);
-    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only for a terminal: a log file or a collector gets plain text.
+    let layer = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     if json {
         let format = tracing_subscriber::fmt::format()
             .json()
