@@ -58,7 +58,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let running = crate::server::start(settings.clone()).await?;
     let directory = running.app.directory().directory().clone();
-    prepare_directory(&directory, students.max(1)).await?;
+    let students = prepare_directory(&directory, students.max(1)).await?;
 
     let minter = Minter::new(&settings.settings, settings.key.as_ref())?;
     let token = minter.instructor(INSTRUCTOR.0, Duration::from_secs(12 * 3600))?;
@@ -99,7 +99,9 @@ pub async fn run(
     running.stop().await
 }
 
-async fn prepare_directory(directory: &Directory, seats: u32) -> anyhow::Result<()> {
+/// Makes the demo's instructors and classroom (kept from an earlier run
+/// when there is one) and returns how many students can sit in it.
+async fn prepare_directory(directory: &Directory, seats: u32) -> anyhow::Result<u32> {
     for (email, name) in [INSTRUCTOR, COLLEAGUE] {
         ignore_existing(directory.add_instructor(email, name).await.map(drop))?;
         directory.set_active(email, true).await?;
@@ -113,7 +115,21 @@ async fn prepare_directory(directory: &Directory, seats: u32) -> anyhow::Result<
     for (email, _) in [INSTRUCTOR, COLLEAGUE] {
         directory.add_staff(CLASSROOM, email).await?;
     }
-    Ok(())
+    // Help requests an earlier demo left open would pile up run after run.
+    for request in directory.help_queue(CLASSROOM).await? {
+        let id = Some(request.request_id.as_str());
+        directory.cancel_help(CLASSROOM, &request.student, id).await?;
+    }
+    let room = directory.classroom(CLASSROOM).await?;
+    let capacity = room.map_or(seats, |r| r.seats);
+    if capacity < seats {
+        tracing::warn!(
+            students = seats,
+            seats = capacity,
+            "the demo classroom of an earlier run has fewer seats; simulating that many students"
+        );
+    }
+    Ok(seats.min(capacity))
 }
 
 fn ignore_existing(result: Result<(), DirectoryError>) -> Result<(), DirectoryError> {
