@@ -118,7 +118,9 @@ async fn prepare_directory(directory: &Directory, seats: u32) -> anyhow::Result<
     // Help requests an earlier demo left open would pile up run after run.
     for request in directory.help_queue(CLASSROOM).await? {
         let id = Some(request.request_id.as_str());
-        directory.cancel_help(CLASSROOM, &request.student, id).await?;
+        directory
+            .cancel_help(CLASSROOM, &request.student, id)
+            .await?;
     }
     let room = directory.classroom(CLASSROOM).await?;
     let capacity = room.map_or(seats, |r| r.seats);
