@@ -4,7 +4,7 @@
 //! memory per idle authenticated connection at 10,000 connections.
 //!
 //! ```text
-//! cargo build --release --locked --examples
+//! cargo build --release --locked --bins --examples   # the gateway and the benchmarks
 //! target/release/examples/capacity_bench                       # all three phases
 //! target/release/examples/capacity_bench handshakes --sockets 2000,5000
 //! target/release/examples/capacity_bench fanout --dashboards 1000,5000
@@ -92,7 +92,7 @@ use bench::stats::{cell, ms, percentile};
 
 /// Handshakes/s, fan-out capacity and memory per connection of one gateway.
 #[derive(Debug, Parser)]
-#[command(after_help = "Build first: cargo build --release --locked --examples")]
+#[command(after_help = "Build first: cargo build --release --locked --bins --examples")]
 struct Args {
     /// Phases to run, in this order; all three when none is named.
     #[arg(value_enum)]

@@ -1,7 +1,7 @@
 //! Delivery latency of a 200-seat classroom on one pod and on two pods.
 //!
 //! ```text
-//! cargo build --release --locked --examples
+//! cargo build --release --locked --bins --examples   # the gateway and the benchmarks
 //! target/release/examples/delivery_bench                   # one pod, then two pods
 //! target/release/examples/delivery_bench --pods two --secs 60 --repeat 2
 //! target/release/examples/delivery_bench --help
@@ -62,7 +62,7 @@ use bench::stats::cell;
 /// End-to-end delivery latency (POST to dashboard) of a live classroom, one
 /// pod versus two pods in cluster mode; lost events, gateway CPU and RSS.
 #[derive(Debug, Parser)]
-#[command(after_help = "Build first: cargo build --release --locked --examples")]
+#[command(after_help = "Build first: cargo build --release --locked --bins --examples")]
 struct Args {
     /// Which set-up to measure.
     #[arg(long, value_enum, default_value_t = Pods::Both)]

@@ -2,7 +2,7 @@
 //! against the real gateway binary and a real PostgreSQL directory.
 //!
 //! ```text
-//! cargo build --release --locked --examples
+//! cargo build --release --locked --bins --examples
 //! target/release/examples/handshake_bench --handshakes 2000
 //! target/release/examples/handshake_bench --help
 //! ```
@@ -57,7 +57,7 @@ use bench::stats::{Ms, ms, ms_opt, percentile};
 /// Sequential Socket.IO handshakes against a real PostgreSQL directory, with
 /// a warm and a cold directory cache; prints p50/p95/p99.
 #[derive(Debug, Parser)]
-#[command(after_help = "Build the gateway first: cargo build --release --locked --examples")]
+#[command(after_help = "Build the gateway first: cargo build --release --locked --bins --examples")]
 struct Args {
     /// Handshakes per phase.
     #[arg(long, short = 'n', default_value_t = 2000)]

@@ -141,7 +141,7 @@ pub async fn migrate(binary: &Path, env: &GatewayEnv) -> Result<()> {
 pub fn check_binary(binary: &Path) -> Result<()> {
     ensure!(
         binary.is_file(),
-        "no gateway binary at {} (run `cargo build --release --locked --examples` first, or pass --gateway)",
+        "no gateway binary at {} (run `cargo build --release --locked --bins --examples` first, or pass --gateway)",
         binary.display()
     );
     Ok(())
