@@ -157,8 +157,8 @@ pub enum TokenCommand {
     Instructor {
         /// The instructor's e-mail.
         email: String,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 8 * 3600)]
+        /// Lifetime in seconds (at least 1).
+        #[arg(long, default_value_t = 8 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
         ttl: u64,
     },
     /// A student token (prints only the token).
@@ -171,8 +171,8 @@ pub enum TokenCommand {
         /// Seat number.
         #[arg(long)]
         seat: Option<u32>,
-        /// Lifetime in seconds.
-        #[arg(long, default_value_t = 8 * 3600)]
+        /// Lifetime in seconds (at least 1).
+        #[arg(long, default_value_t = 8 * 3600, value_parser = clap::value_parser!(u64).range(1..))]
         ttl: u64,
     },
 }
@@ -348,4 +348,33 @@ fn token(settings: &ResolvedSettings, command: TokenCommand) -> anyhow::Result<(
     };
     println!("{token}");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::error::ErrorKind;
+
+    use super::*;
+
+    #[test]
+    fn a_token_that_would_be_born_expired_is_refused_before_anything_is_minted() {
+        for kind in [
+            &["cellgate", "token", "instructor", "a@example.edu"][..],
+            &["cellgate", "token", "student", "s-1", "--classroom", "c"][..],
+        ] {
+            let zero = [kind, &["--ttl", "0"]].concat();
+            let error = Cli::try_parse_from(zero).expect_err("--ttl 0 must be refused");
+            assert_eq!(error.kind(), ErrorKind::ValueValidation);
+            assert!(error.to_string().contains("--ttl"), "{error}");
+
+            let one = [kind, &["--ttl", "1"]].concat();
+            Cli::try_parse_from(one).expect("a one-second token is allowed");
+        }
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
 }

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, OriginalUri, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -257,7 +257,7 @@ pub async fn guard_socket_io(
         .flatten();
     let sid = param("sid");
 
-    let response = next.run(request).await;
+    let response = next.run(own_head(request)).await;
     match response.status() {
         StatusCode::SWITCHING_PROTOCOLS if websocket => {
             if let Some(connection) = connection {
@@ -281,6 +281,38 @@ pub async fn guard_socket_io(
         _ => {}
     }
     response
+}
+
+/// The request with its URI and headers copied into allocations of their
+/// own. Engine.IO keeps the head of the request that opened a session for
+/// as long as the session lives, and hyper hands out header values and the
+/// URI as slices of the connection's read buffer (8 to 16 KiB): a single
+/// kept header would hold that whole buffer, twice what the rest of an
+/// idle dashboard costs. Copying the head (a few hundred bytes) lets the
+/// buffer go as soon as the request is parsed.
+fn own_head(request: axum::extract::Request) -> axum::extract::Request {
+    let (mut parts, body) = request.into_parts();
+    let mut headers = HeaderMap::with_capacity(parts.headers.len());
+    for (name, value) in &parts.headers {
+        let name = header::HeaderName::from_bytes(name.as_str().as_bytes())
+            .expect("a parsed header name is valid");
+        let mut owned =
+            HeaderValue::from_bytes(value.as_bytes()).expect("a parsed header value is valid");
+        owned.set_sensitive(value.is_sensitive());
+        headers.append(name, owned);
+    }
+    parts.headers = headers;
+    let owned_uri = |uri: &axum::http::Uri| uri.to_string().parse().ok();
+    if let Some(uri) = owned_uri(&parts.uri) {
+        parts.uri = uri;
+    }
+    // The router records the URI as it arrived, a slice of the same buffer.
+    if let Some(OriginalUri(original)) = parts.extensions.get_mut::<OriginalUri>()
+        && let Some(uri) = owned_uri(original)
+    {
+        *original = uri;
+    }
+    axum::extract::Request::from_parts(parts, body)
 }
 
 /// Largest Engine.IO error body rewritten by [`standard_engineio_errors`].
@@ -415,6 +447,42 @@ mod tests {
             .await
             .unwrap();
         (status, serde_json::from_slice(&body).unwrap())
+    }
+
+    #[test]
+    fn a_kept_request_head_does_not_hold_the_buffer_it_was_parsed_from() {
+        let buffer = axum::body::Bytes::from(
+            "/socket.io/?EIO=4&transport=websocket\r\nBearer abc\r\nX-Custom-Seat: 7".to_string(),
+        );
+        let uri = axum::http::Uri::from_maybe_shared(buffer.slice(0..37)).unwrap();
+        let bearer = HeaderValue::from_maybe_shared(buffer.slice(39..49)).unwrap();
+        let mut request = axum::extract::Request::builder()
+            .uri(uri.clone())
+            .extension(OriginalUri(uri))
+            .body(Body::empty())
+            .unwrap();
+        request.headers_mut().insert(header::AUTHORIZATION, bearer);
+        request
+            .headers_mut()
+            .append("x-custom-seat", HeaderValue::from_static("7"));
+        request
+            .headers_mut()
+            .append("x-custom-seat", HeaderValue::from_static("8"));
+        let weak = buffer.clone();
+        drop(buffer);
+        assert!(!weak.is_unique(), "the request shares the buffer before");
+
+        let owned = own_head(request);
+        assert!(
+            weak.is_unique(),
+            "nothing but this test holds the buffer after"
+        );
+        assert_eq!(owned.uri(), "/socket.io/?EIO=4&transport=websocket");
+        let OriginalUri(original) = owned.extensions().get().unwrap();
+        assert_eq!(original, owned.uri());
+        assert_eq!(owned.headers()[header::AUTHORIZATION], "Bearer abc");
+        let seats: Vec<_> = owned.headers().get_all("x-custom-seat").iter().collect();
+        assert_eq!(seats, ["7", "8"]);
     }
 
     #[tokio::test]

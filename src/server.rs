@@ -130,7 +130,11 @@ pub async fn start(settings: ResolvedSettings) -> anyhow::Result<Running> {
         .ws_max_message_size(payload)
         .ws_max_frame_size(payload)
         .with_parser(ParserConfig::common().max_incoming_binary_buf_size(payload))
-        .max_buffer_size(s.socket_queue_packets);
+        .max_buffer_size(s.socket_queue_packets)
+        // A dashboard sends only small packets (joins, claims, pongs); the
+        // buffer grows for a larger one. The default 4 KiB, zeroed, is
+        // resident for every idle connection.
+        .ws_read_buffer_size(WS_READ_BUFFER_BYTES);
 
     let Some(redis_url) = &s.redis_url else {
         let (layer, io) = builder.build_layer();
@@ -244,6 +248,9 @@ async fn load_key_set(jwks: Arc<Jwks>) {
     }
     tokio::spawn(jwks.run());
 }
+
+/// Initial WebSocket read buffer of each connection (see `start`).
+const WS_READ_BUFFER_BYTES: usize = 1024;
 
 /// How often `cellgate_open_help_requests` is read from the directory.
 const HELP_GAUGE_EVERY: Duration = Duration::from_secs(10);
