@@ -5,7 +5,7 @@
 //! its baseline.
 //!
 //! ```text
-//! cargo build --release --locked --examples
+//! cargo build --release --locked --bins --examples
 //! target/release/examples/leak_bench                   # 20,000 cycles
 //! target/release/examples/leak_bench --cycles 5000 --settle-secs 60
 //! target/release/examples/leak_bench --help
@@ -62,7 +62,7 @@ use bench::pg::{BenchDatabase, Postgres, instructor_email};
 
 /// Connect, join and disconnect, over and over, and check nothing stays.
 #[derive(Debug, Parser)]
-#[command(after_help = "Build first: cargo build --release --locked --examples")]
+#[command(after_help = "Build first: cargo build --release --locked --bins --examples")]
 struct Args {
     /// Measured cycles.
     #[arg(long, default_value_t = 20_000)]

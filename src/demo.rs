@@ -159,12 +159,23 @@ fn print_instructions(running: &Running, token: &str) {
          \nOr fetch the seat map over HTTP:\n\
          \n  curl -H \"Authorization: Bearer $TOKEN\" http://{addr}/api/v1/classrooms/{CLASSROOM}/snapshot\n\
          \nA second instructor, {colleague}, staffs the room too:\n\
-         \x20 cellgate token instructor {colleague}\n\
+         \x20 {me} token instructor {colleague}\n\
          \nPress Ctrl-C to stop.\n",
         metrics = running.metrics_addr,
         email = INSTRUCTOR.0,
         colleague = COLLEAGUE.0,
+        me = this_command(),
     );
+}
+
+/// How to run this binary again from here: `target/release/cellgate` under
+/// `cargo run`, the bare name when it is elsewhere (installed on the PATH).
+fn this_command() -> String {
+    let relative = std::env::current_exe().ok().and_then(|exe| {
+        let here = std::env::current_dir().ok()?;
+        exe.strip_prefix(here).ok().map(|p| p.display().to_string())
+    });
+    relative.unwrap_or_else(|| "cellgate".to_string())
 }
 
 /// Every 45 s the instructor says "run all cells": every student posts a burst.
