@@ -112,6 +112,15 @@ impl Drain {
         }
     }
 
+    /// Closes every Socket.IO connection still open, now (what the drain
+    /// window left); plain HTTP connections finish their requests.
+    pub fn close_realtime(&self) {
+        let connections = self.connections.lock().expect("drain lock");
+        for tracked in connections.values().filter(|c| c.realtime) {
+            tracked.kill.cancel();
+        }
+    }
+
     /// Connections still open.
     pub fn open_connections(&self) -> usize {
         self.connections.lock().expect("drain lock").len()

@@ -416,10 +416,22 @@ impl Running {
     /// Stops listening, lets in-flight requests finish, closes the directory.
     pub async fn stop(self) -> anyhow::Result<()> {
         let _ = self.shutdown.send(true);
-        // Open WebSockets would hold the HTTP server open; close them first.
-        self.app.close_sockets().await;
+        // Socket.IO connections would hold the HTTP server open: the ones
+        // the drain left are cut now. Requests in flight on the others
+        // finish while Socket.IO and its adapter still work, so that an event
+        // accepted at the last moment is broadcast and answered 202 (closing
+        // Socket.IO first closed the adapter under them: 503).
+        self.app.drain().close_realtime();
         let grace = Duration::from_secs(5);
         let _ = tokio::time::timeout(grace, self.server).await;
+        // The other pods stop counting on this one before its adapter
+        // unsubscribes.
+        if let Some(cluster) = &self.cluster {
+            cluster.leave().await;
+        }
+        // Sessions whose transport is gone but not yet timed out, and the
+        // adapter.
+        self.app.close_sockets().await;
         let _ = tokio::time::timeout(grace, self.metrics_server).await;
         self.directory.close().await;
         if let Some(cluster) = &self.cluster {

@@ -204,11 +204,18 @@ impl Cluster {
         self.commands.ping::<String>(None).await.is_ok()
     }
 
-    /// Says goodbye to the other pods and closes both connections.
-    pub async fn close(&self) {
+    /// Stops probing and tells the other pods this one is gone: from now on
+    /// they no longer count on it to receive their broadcasts. Must come
+    /// before the Socket.IO adapter unsubscribes, or their broadcasts reach
+    /// a pod fewer than they expect and are answered 503 meanwhile.
+    pub async fn leave(&self) {
         if let Some(prober) = &self.prober {
             prober.goodbye().await;
         }
+    }
+
+    /// Closes both connections (after [`Cluster::leave`]).
+    pub async fn close(&self) {
         let _ = self.driver.client().quit().await;
         let _ = self.commands.quit().await;
     }
