@@ -264,6 +264,8 @@ def test_configmap_holds_the_gateway_settings(render):
         "CELLGATE_DEFAULT_SEATS": "200",
         "CELLGATE_ALLOW_QUERY_TOKEN": "false",
         "CELLGATE_DRAIN_SECS": "10",
+        "CELLGATE_SESSION_TTL_SECS": "30",
+        "CELLGATE_REDIS_PREFIX": "cellgate",
         "CELLGATE_JWT_LEEWAY_SECS": "30",
         "CELLGATE_HANDSHAKES_PER_MINUTE": "120",
         "CELLGATE_HANDSHAKE_BURST": "60",
@@ -295,6 +297,23 @@ def test_origins_proxies_and_limits_reach_the_gateway(render):
     assert data["CELLGATE_HANDSHAKES_PER_MINUTE"] == "0"
     assert data["CELLGATE_MAX_SOCKETS"] == "2500"
     assert data["CELLGATE_SOCKET_QUEUE_PACKETS"] == "4096", "the other limits keep their defaults"
+
+
+def test_cluster_settings_reach_the_gateway(render):
+    data = render({"config": {"sessionTtlSecs": 12, "redisPrefix": "cg-blue_2"}}).one("ConfigMap")["data"]
+    assert data["CELLGATE_SESSION_TTL_SECS"] == "12"
+    assert data["CELLGATE_REDIS_PREFIX"] == "cg-blue_2"
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{"sessionTtlSecs": 2}, {"redisPrefix": ""}, {"redisPrefix": "cg:blue"}, {"redisPrefix": "cg blue"}],
+)
+def test_cluster_settings_the_gateway_would_refuse_are_refused_by_the_schema(chart, config):
+    # The gateway refuses these at start-up; the chart says so before anything is deployed.
+    (key,) = config
+    with pytest.raises(helm.HelmValuesError, match=f"/config/{key}"):
+        chart.render({"config": config}, name=RELEASE)
 
 
 @pytest.mark.parametrize("name", PROFILE_IDS)

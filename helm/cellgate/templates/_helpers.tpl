@@ -156,6 +156,8 @@ CELLGATE_MAX_BODY_BYTES: {{ .Values.config.maxBodyBytes | int64 | quote }}
 CELLGATE_DEFAULT_SEATS: {{ .Values.config.defaultSeats | int64 | quote }}
 CELLGATE_ALLOW_QUERY_TOKEN: {{ .Values.config.allowQueryToken | toString | quote }}
 CELLGATE_DRAIN_SECS: {{ .Values.config.drainSecs | int64 | quote }}
+CELLGATE_SESSION_TTL_SECS: {{ .Values.config.sessionTtlSecs | int64 | quote }}
+CELLGATE_REDIS_PREFIX: {{ .Values.config.redisPrefix | quote }}
 CELLGATE_JWT_LEEWAY_SECS: {{ .Values.config.jwt.leewaySecs | int64 | quote }}
 {{- with .Values.config.limits }}
 CELLGATE_HANDSHAKES_PER_MINUTE: {{ .handshakesPerMinute | int64 | quote }}
