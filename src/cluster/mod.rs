@@ -145,15 +145,11 @@ impl Cluster {
             builder
         };
         let unreachable = |source: fred::error::Error| {
-            // rustls names an untrusted server certificate InvalidCertificate.
+            // rustls names a refused server certificate InvalidCertificate.
             if config.uses_tls() && source.details().contains("Certificate") {
                 return ClusterError::Tls {
                     url: shown.clone(),
-                    reason: format!(
-                        "the server's certificate is not trusted ({}); if a private CA signed \
-                         it, give its certificate in CELLGATE_REDIS_CA_FILE",
-                        source.details()
-                    ),
+                    reason: certificate_advice(source.details()),
                 };
             }
             ClusterError::Unreachable {
@@ -218,6 +214,23 @@ impl Cluster {
     pub async fn close(&self) {
         let _ = self.driver.client().quit().await;
         let _ = self.commands.quit().await;
+    }
+}
+
+/// What to tell an operator about a server certificate rustls refused:
+/// trusting another CA does not help with a certificate issued for another
+/// host name.
+fn certificate_advice(details: &str) -> String {
+    if details.contains("NotValidForName") {
+        format!(
+            "the server's certificate is not issued for the host in CELLGATE_REDIS_URL \
+             ({details}); use a host name or address the certificate names"
+        )
+    } else {
+        format!(
+            "the server's certificate is not trusted ({details}); if a private CA signed \
+             it, give its certificate in CELLGATE_REDIS_CA_FILE"
+        )
     }
 }
 

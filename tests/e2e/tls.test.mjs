@@ -42,7 +42,9 @@ async function startTlsRedis(certs) {
   const port = await freePort();
   const proc = spawn('redis-server', ['--port', '0', '--tls-port', String(port),
     '--tls-cert-file', certs.cert, '--tls-key-file', certs.key, '--tls-ca-cert-file', certs.ca,
-    '--tls-auth-clients', 'no', '--save', '', '--appendonly', 'no', '--bind', '127.0.0.1'],
+    '--tls-auth-clients', 'no', '--save', '', '--appendonly', 'no',
+    // 127.0.0.2 is not in the certificate: a URL naming it must be refused.
+    '--bind', '127.0.0.1', '127.0.0.2'],
   { stdio: ['ignore', 'pipe', 'pipe'] });
   let out = '';
   proc.stdout.on('data', (b) => { out += b; });
@@ -117,6 +119,25 @@ describe('TLS to PostgreSQL and Redis', { concurrency: false }, () => {
     assert.notEqual(r.code, 0, 'serve must not start');
     assert.match(r.stderr, /Redis/);
     assert.match(r.stderr, /certificate is not trusted.*CELLGATE_REDIS_CA_FILE/);
+  });
+
+  test('a certificate issued for another host is refused, and trusting a CA is not the advice', T, async () => {
+    const r = await run(BIN, ['serve'], {
+      env: {
+        PATH: process.env.PATH,
+        CELLGATE_DATA_DIR: dir,
+        CELLGATE_LISTEN_ADDR: `127.0.0.1:${await freePort()}`,
+        CELLGATE_METRICS_ADDR: `127.0.0.1:${await freePort()}`,
+        CELLGATE_DATABASE_URL: databaseUrl('verify-full'),
+        CELLGATE_JWT_SECRET: 'a-secret-for-this-test-that-is-long-enough',
+        CELLGATE_REDIS_URL: `rediss://127.0.0.2:${redis.port}`,
+        CELLGATE_REDIS_CA_FILE: certs.ca,
+        NO_COLOR: '1',
+      },
+    }).then(() => ({ code: 0, stderr: '' }), (e) => ({ code: 1, stderr: e.message }));
+    assert.notEqual(r.code, 0, 'serve must not start');
+    assert.match(r.stderr, /not issued for the host in CELLGATE_REDIS_URL/);
+    assert.doesNotMatch(r.stderr, /CELLGATE_REDIS_CA_FILE/);
   });
 
   test('a plain-text database connection is refused by the server, so TLS was in use', T, async () => {
