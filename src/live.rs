@@ -176,23 +176,44 @@ impl Live {
     }
 
     /// Keeps this pod's sessions and presence alive in shared storage.
-    pub async fn refresh(&self, sessions: &[Arc<Session>], pod: &str) -> Result<(), LiveError> {
+    /// Returns the (classroom, session) pairs whose presence entry was
+    /// gone: another pod swept it as expired, so the others were told the
+    /// instructor left.
+    pub async fn refresh(
+        &self,
+        sessions: &[Arc<Session>],
+        pod: &str,
+    ) -> Result<Vec<(String, Arc<Session>)>, LiveError> {
         let Live::Shared(redis) = self else {
-            return Ok(());
+            return Ok(Vec::new());
         };
         let mut presence = Vec::new();
+        let mut owners = Vec::new();
         for session in sessions {
             redis
                 .put_session(&session.sid, &shared(session, pod))
                 .await?;
             let classrooms = session.classrooms.lock().expect("session lock").clone();
-            presence.extend(
-                classrooms
-                    .into_iter()
-                    .map(|c| (c, session.instructor(), session.sid.clone())),
-            );
+            for classroom in classrooms {
+                presence.push((classroom, session.instructor(), session.sid.clone()));
+                owners.push(session.clone());
+            }
         }
-        Ok(redis.refresh_presence(&presence).await?)
+        let missing = redis.refresh_presence(&presence).await?;
+        Ok(missing
+            .into_iter()
+            .map(|i| (presence[i].0.clone(), owners[i].clone()))
+            .collect())
+    }
+
+    /// Clears a classroom's presence entries that outlived their pod;
+    /// returns the instructors who left with them (shared storage only:
+    /// one node has no other pod to outlive).
+    pub async fn sweep(&self, classroom: &str) -> Result<Vec<InstructorRef>, LiveError> {
+        match self {
+            Live::Local { .. } => Ok(Vec::new()),
+            Live::Shared(redis) => Ok(redis.sweep(classroom).await?),
+        }
     }
 
     /// Sockets recorded as watching (single node only; for leak checks).

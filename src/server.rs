@@ -223,18 +223,13 @@ fn with_socket_io<A: socketioxide::adapter::Adapter>(
 }
 
 /// Refreshes this pod's sessions and presence in Redis every `period` (a
-/// third of their TTL) so that they outlive the TTL only while the pod does.
+/// third of their TTL) so that they outlive the TTL only while the pod
+/// does, and announces the instructors whose pod did not.
 async fn keep_sessions_alive(app: App, period: Duration) {
     let mut every = tokio::time::interval(period);
     loop {
         every.tick().await;
-        if let Err(error) = app
-            .live()
-            .refresh(&app.sessions(), &app.config().node_id)
-            .await
-        {
-            tracing::warn!(%error, "cannot refresh sessions in Redis");
-        }
+        crate::realtime::tend_presence(&app).await;
     }
 }
 

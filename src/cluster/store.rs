@@ -49,10 +49,10 @@ return out
 "#;
 
 // Returns 1 when no other live socket of the same instructor is present.
+// Expired entries are left for SWEEP, which announces who they took away.
 const JOIN: &str = r#"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
 local others = 0
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[3], '+inf')) do
   if string.sub(m, 1, #ARGV[4]) == ARGV[4] and m ~= ARGV[1] then others = others + 1 end
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
@@ -68,6 +68,31 @@ for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[2], '+inf')) do
   if string.sub(m, 1, #ARGV[3]) == ARGV[3] then return 0 end
 end
 return 1
+"#;
+
+// Removes the expired entries (sockets of a pod that stopped refreshing
+// them: it crashed) and returns those whose instructor has no live entry
+// left, one per instructor. ZREM makes the removal happen once, so one pod
+// announces each departure however many sweep.
+const SWEEP: &str = r#"
+local expired = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. ARGV[1])
+if #expired == 0 then return {} end
+local live = {}
+for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], ARGV[1], '+inf')) do
+  local id = string.match(m, '^([^|]*)|')
+  if id then live[id] = true end
+end
+local gone = {}
+for _, m in ipairs(expired) do
+  if redis.call('ZREM', KEYS[1], m) == 1 then
+    local id = string.match(m, '^([^|]*)|')
+    if id and not live[id] then
+      live[id] = true
+      table.insert(gone, m)
+    end
+  end
+end
+return gone
 "#;
 
 /// A Redis failure while reading or changing shared state.
@@ -102,6 +127,16 @@ fn now_ms() -> i64 {
 
 fn member(instructor: &InstructorRef, sid: &str) -> String {
     format!("{}|{sid}|{}", instructor.id, instructor.name)
+}
+
+/// The instructor of a presence entry made by [`member`].
+fn instructor_of(member: &str) -> Option<InstructorRef> {
+    let (id, rest) = member.split_once('|')?;
+    let (_sid, name) = rest.split_once('|')?;
+    Some(InstructorRef {
+        id: id.to_string(),
+        name: name.to_string(),
+    })
 }
 
 impl RedisLive {
@@ -224,26 +259,45 @@ impl RedisLive {
         Ok(last == 1)
     }
 
-    /// Keeps this pod's presence entries alive.
+    /// Keeps this pod's presence entries alive; returns the indexes of the
+    /// entries that were no longer there (swept while this pod could not
+    /// refresh them). They are not added back: a socket that left the
+    /// classroom meanwhile must not reappear; the caller joins again those
+    /// still watching.
     pub async fn refresh_presence(
         &self,
         entries: &[(String, InstructorRef, String)],
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<usize>, StoreError> {
         let expiry = self.expiry_ms() as f64;
-        for (classroom, instructor, sid) in entries {
-            let _: i64 = self
+        let mut missing = Vec::new();
+        for (index, (classroom, instructor, sid)) in entries.iter().enumerate() {
+            // XX: update only; CH: count the updated, so 0 means not there.
+            let changed: i64 = self
                 .client
                 .zadd(
                     self.presence_key(classroom),
+                    Some(SetOptions::XX),
                     None,
-                    None,
-                    false,
+                    true,
                     false,
                     (expiry, member(instructor, sid)),
                 )
                 .await?;
+            if changed == 0 {
+                missing.push(index);
+            }
         }
-        Ok(())
+        Ok(missing)
+    }
+
+    /// Removes a classroom's expired presence entries; returns the
+    /// instructors who thereby left it, when this pod removed them.
+    pub async fn sweep(&self, classroom: &str) -> Result<Vec<InstructorRef>, StoreError> {
+        let gone: Vec<String> = self
+            .client
+            .eval(SWEEP, self.presence_key(classroom), now_ms().to_string())
+            .await?;
+        Ok(gone.iter().filter_map(|m| instructor_of(m)).collect())
     }
 
     /// Instructors watching a classroom on any pod, with their status.
@@ -258,19 +312,13 @@ impl RedisLive {
                 None,
             )
             .await?;
-        let mut people: Vec<(String, String)> = members
-            .iter()
-            .filter_map(|m| {
-                let (id, rest) = m.split_once('|')?;
-                let (_sid, name) = rest.split_once('|')?;
-                Some((id.to_string(), name.to_string()))
-            })
-            .collect();
-        people.sort();
-        people.dedup_by(|a, b| a.0 == b.0);
+        let mut people: Vec<InstructorRef> =
+            members.iter().filter_map(|m| instructor_of(m)).collect();
+        people.sort_by(|a, b| a.id.cmp(&b.id).then_with(|| a.name.cmp(&b.name)));
+        people.dedup_by(|a, b| a.id == b.id);
 
         let mut out = Vec::with_capacity(people.len());
-        for (id, name) in people {
+        for InstructorRef { id, name } in people {
             let status = self.status(&id).await?;
             out.push(PresentInstructor { id, name, status });
         }

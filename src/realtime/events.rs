@@ -132,17 +132,7 @@ async fn join_classroom<A: Adapter>(
         return failure("disconnected");
     }
     if first {
-        let status = app
-            .live()
-            .status(&session.instructor_id)
-            .await
-            .unwrap_or_default();
-        app.notify(
-            &classroom,
-            "instructor_status",
-            status_payload(&session, status),
-        )
-        .await;
+        announce_arrival(&app, &session, &classroom).await;
     }
 
     match app.snapshot(&classroom).await {
@@ -169,6 +159,47 @@ async fn leave_classroom<A: Adapter>(
         left_classroom(&_app, &session, &classroom).await;
     }
     json!({ "ok": true })
+}
+
+/// Tells a classroom that an instructor is there, with their status.
+async fn announce_arrival(app: &App, session: &Session, classroom: &str) {
+    let status = app
+        .live()
+        .status(&session.instructor_id)
+        .await
+        .unwrap_or_default();
+    app.notify(
+        classroom,
+        "instructor_status",
+        status_payload(session, status),
+    )
+    .await;
+}
+
+/// Lists a socket in a classroom's presence again after another pod swept
+/// its entry (this pod could not refresh it in time), and tells the
+/// classroom the instructor is back if that pod announced them gone.
+pub(super) async fn rejoin(app: &App, session: &Session, classroom: &str) {
+    let watching = session
+        .classrooms
+        .lock()
+        .expect("session lock")
+        .iter()
+        .any(|c| c == classroom);
+    if !watching {
+        return;
+    }
+    match app
+        .live()
+        .join(classroom, &session.instructor(), &session.sid)
+        .await
+    {
+        Ok(true) => announce_arrival(app, session, classroom).await,
+        Ok(false) => {}
+        Err(error) => {
+            tracing::warn!(%error, classroom, "cannot list a dashboard in presence again")
+        }
+    }
 }
 
 /// Drops the socket from a classroom's presence and tells the others when

@@ -108,6 +108,51 @@ async fn disconnected<A: Adapter>(app: App, s: SocketRef<A>, reason: DisconnectR
     app.live().close_session(&session).await;
 }
 
+/// Keeps the cluster's presence true, every third of the session TTL:
+/// refreshes this pod's entries, lists again the sockets whose entry
+/// another pod swept while this one could not refresh it, and tells the
+/// classrooms this pod serves which instructors left with a pod that
+/// stopped refreshing theirs (it crashed). Each departure is announced by
+/// the one pod whose sweep removed it.
+pub(crate) async fn tend_presence(app: &App) {
+    let sessions = app.sessions();
+    match app.live().refresh(&sessions, &app.config().node_id).await {
+        Ok(swept) => {
+            for (classroom, session) in swept {
+                events::rejoin(app, &session, &classroom).await;
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "cannot refresh sessions in Redis");
+            return;
+        }
+    }
+    let mut classrooms: Vec<String> = sessions
+        .iter()
+        .flat_map(|s| s.classrooms.lock().expect("session lock").clone())
+        .collect();
+    classrooms.sort();
+    classrooms.dedup();
+    for classroom in classrooms {
+        let gone = match app.live().sweep(&classroom).await {
+            Ok(gone) => gone,
+            Err(error) => {
+                tracing::warn!(%error, classroom, "cannot sweep expired presence");
+                continue;
+            }
+        };
+        for instructor in gone {
+            tracing::info!(
+                classroom,
+                instructor_id = %instructor.id,
+                "instructor left with a pod that stopped refreshing their presence"
+            );
+            let payload = json!({ "instructor": instructor, "status": InstructorStatus::Offline });
+            app.notify(&classroom, "instructor_status", payload).await;
+        }
+    }
+}
+
 /// The payload of `instructor_status`.
 fn status_payload(session: &Session, status: InstructorStatus) -> serde_json::Value {
     json!({ "instructor": session.instructor(), "status": status })

@@ -175,6 +175,25 @@ describe('three pods on one Redis', () => {
     assert.equal(snap.instructors.length, 2, 'the instructor is still present through the other socket');
   });
 
+  test('a live dashboard whose presence entry was swept is listed again, and the classroom hears it is back', T, async () => {
+    // What a pod cut off from Redis for longer than the TTL finds on its
+    // return: another pod swept its entries and announced its instructors gone.
+    const { classroom, people, tokens } = await c.seed({ instructors: 2, name: 'swept' });
+    const a = await onPod(0, tokens[0], { classroom });
+    const b = await onPod(1, tokens[1], { classroom });
+    const { sid, instructor } = a.accepted[0];
+    const removed = await redisCli(c.redisUrl, 'ZREM', c.key('presence', classroom), `${instructor.id}|${sid}|${people[0].name}`);
+    assert.deepEqual(removed, ['1'], 'the entry was there to remove');
+    const without = await snapshot(c.pods[2].url, classroom, tokens[1]);
+    assert.deepEqual(without.instructors.map((i) => i.name), [people[1].name]);
+
+    const back = await b.rec.waitFor('instructor_status', (p) => p.instructor.id === instructor.id,
+      SESSION_TTL_SECS * 1000 / 3 + 3000);
+    assert.equal(back.status, 'available');
+    const again = await snapshot(c.pods[2].url, classroom, tokens[1]);
+    assert.deepEqual(again.instructors.map((i) => i.name).sort(), [people[0].name, people[1].name].sort());
+  });
+
 });
 
 describe('a pod killed with SIGKILL', () => {
@@ -212,7 +231,7 @@ describe('a pod killed with SIGKILL', () => {
     assert.ok(acceptedAfter <= 5000 + 2000, `accepted again ${acceptedAfter} ms after the crash`);
   });
 
-  test(`leaves presence and Redis within the session TTL (${SESSION_TTL_SECS} s)`, T, async () => {
+  test(`leaves presence and Redis within the session TTL (${SESSION_TTL_SECS} s), and the others are told`, T, async () => {
     await c.startPod(0);
     const { classroom, people, tokens } = await c.seed({ instructors: 2, name: 'crash' });
     const onA = await dashboard(c.pods[0].url, tokens[0], { classroom, tracker: c.sockets }).ready;
@@ -221,8 +240,13 @@ describe('a pod killed with SIGKILL', () => {
     const before = await snapshot(c.pods[1].url, classroom, tokens[1]);
     assert.deepEqual(before.instructors.map((i) => i.name).sort(), [people[0].name, people[1].name].sort());
 
+    const idA = onA.accepted[0].instructor.id;
     await c.kill(0);
     const killedAt = Date.now();
+    // The survivor's dashboard hears that pod A's instructor went offline,
+    // once: the survivor sweeps the entries its dead peer no longer refreshes.
+    const offline = onB.rec.waitFor('instructor_status', (p) => p.instructor.id === idA && p.status === 'offline',
+      SESSION_TTL_SECS * 1000 + 5000);
     const gone = await eventually(async () => {
       const snap = await snapshot(c.pods[1].url, classroom, tokens[1]);
       return snap.instructors.every((i) => i.name !== people[0].name) && snap;
@@ -231,6 +255,14 @@ describe('a pod killed with SIGKILL', () => {
     console.log(`# presence cleared ${after} ms after kill -9 (TTL ${SESSION_TTL_SECS} s)`);
     assert.ok(after <= SESSION_TTL_SECS * 1000 + 1000, `cleared after ${after} ms`);
     assert.deepEqual(gone.instructors.map((i) => i.name), [people[1].name]);
+    const told = await offline;
+    assert.deepEqual(told.instructor, { id: idA, name: people[0].name });
+    const toldAfter = Date.now() - killedAt;
+    console.log(`# the survivor's dashboard was told ${toldAfter} ms after kill -9`);
+    assert.ok(toldAfter <= SESSION_TTL_SECS * 1000 + SESSION_TTL_SECS * 1000 / 3 + 1500, `told after ${toldAfter} ms`);
+    await sleep(SESSION_TTL_SECS * 1000 / 3 + 500); // another sweep: nothing more to say
+    assert.equal(onB.rec.all('instructor_status', (p) => p.instructor.id === idA && p.status === 'offline').length, 1,
+      'the departure is announced once');
     assert.deepEqual(await redisCli(c.redisUrl, 'EXISTS', c.key('session', sidA)), ['0']);
     // The survivor keeps its own.
     assert.deepEqual(await redisCli(c.redisUrl, 'EXISTS', c.key('session', onB.accepted[0].sid)), ['1']);
