@@ -20,6 +20,7 @@ use socketioxide::socket::DisconnectReason;
 use socketioxide_core::adapter::DefinedAdapter;
 
 use crate::app::{App, Session};
+use crate::auth::Refusal;
 use crate::limits::SocketSlot;
 use crate::model::{InstructorStatus, timestamp};
 
@@ -31,7 +32,20 @@ pub fn register<A: Adapter + DefinedAdapter>(io: &SocketIo<A>, app: App) -> A::I
     let auth_app = app.clone();
     let middleware = move |s: SocketRef<A>, TryData(auth): TryData<serde_json::Value>| {
         let app = auth_app.clone();
-        async move { handshake::authenticate(&app, &s, auth.ok()).await }
+        async move {
+            handshake::authenticate(&app, &s, auth.ok()).await?;
+            // Here, before socketioxide sends CONNECT, and not in the
+            // connect handler: socket.io-client flushes the requests it
+            // buffered as soon as CONNECT arrives, which can be before the
+            // handler runs, and socketioxide drops an event that has no
+            // handler yet without an answer.
+            //
+            // The socket's own room lets a broadcast to the cluster leave
+            // out the dashboards this node serves itself (`App::broadcast`).
+            s.join(s.id.to_string());
+            events::register(&app, &s);
+            Ok::<(), Refusal>(())
+        }
     };
     let on_connect = move |s: SocketRef<A>| {
         let app = app.clone();
@@ -57,6 +71,12 @@ fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
         .connections_opened
         .with_label_values(&[NAMESPACE])
         .inc();
+    let disconnect_app = app.clone();
+    s.on_disconnect(move |s: SocketRef<A>, reason: DisconnectReason| {
+        let app = disconnect_app.clone();
+        async move { disconnected(app, s, reason).await }
+    });
+
     let accepted = json!({
         "sid": s.id.to_string(),
         "instructor": { "id": session.instructor_id, "email": session.email, "name": session.name },
@@ -66,19 +86,11 @@ fn connected<A: Adapter>(app: App, s: SocketRef<A>) {
     if let Err(error) = s.emit("connection_accepted", &accepted) {
         tracing::debug!(sid = %s.id, %error, "socket left before connection_accepted");
     }
-
+    // After connection_accepted, which must come first: a token close to
+    // its end is warned about at once.
     if let Some(life) = s.extensions.get::<Arc<expiry::TokenLife>>() {
         expiry::watch(&app, &s, life);
     }
-    // Its own room, so that a broadcast to the cluster can leave out the
-    // dashboards this node serves itself (`App::broadcast`).
-    s.join(s.id.to_string());
-    events::register(&app, &s);
-    let disconnect_app = app.clone();
-    s.on_disconnect(move |s: SocketRef<A>, reason: DisconnectReason| {
-        let app = disconnect_app.clone();
-        async move { disconnected(app, s, reason).await }
-    });
 }
 
 async fn disconnected<A: Adapter>(app: App, s: SocketRef<A>, reason: DisconnectReason) {
