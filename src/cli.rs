@@ -252,16 +252,8 @@ async fn execute(command: Command, settings: ResolvedSettings) -> anyhow::Result
         }
         Command::Migrate => {
             let directory = Directory::connect_lazy(&settings.database_url)?;
-            let pending = match directory.pending_migrations().await {
-                Ok(pending) => pending,
-                Err(error) if error.is_transient() => {
-                    let why = directory.why_unreachable().await;
-                    return Err(anyhow::Error::new(why).context("migration failed"));
-                }
-                Err(error) => return Err(anyhow::Error::new(error).context("migration failed")),
-            };
-            directory.migrate().await.context("migration failed")?;
-            match pending {
+            let applied = directory.migrate().await.context("migration failed")?;
+            match applied {
                 0 => println!("schema is up to date: nothing to apply"),
                 1 => println!("applied 1 migration; schema is up to date"),
                 n => println!("applied {n} migrations; schema is up to date"),

@@ -56,7 +56,7 @@ pub async fn open_directory(
     let directory = Directory::connect_lazy(&settings.database_url)?;
     let url = redact_url(&settings.database_url);
     let prepared = if settings.auto_migrate {
-        directory.migrate().await
+        directory.migrate().await.map(|_| ())
     } else {
         match directory.pending_migrations().await {
             Ok(0) => Ok(()),
@@ -83,7 +83,7 @@ async fn migrate_when_reachable(directory: Directory) {
     loop {
         tokio::time::sleep(Duration::from_secs(5)).await;
         match directory.migrate().await {
-            Ok(()) => {
+            Ok(_) => {
                 tracing::info!("directory reachable; migrations applied");
                 return;
             }

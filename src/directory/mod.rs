@@ -138,10 +138,18 @@ impl Directory {
         })
     }
 
-    /// Applies every pending migration.
-    pub async fn migrate(&self) -> Result<(), DirectoryError> {
+    /// Applies every pending migration; returns how many were pending
+    /// just before (0: the schema was up to date already).
+    pub async fn migrate(&self) -> Result<usize, DirectoryError> {
+        let pending = match self.pending_migrations().await {
+            Ok(pending) => pending,
+            Err(DirectoryError::Database(sqlx::Error::PoolTimedOut)) => {
+                return Err(self.why_unreachable().await);
+            }
+            Err(error) => return Err(error),
+        };
         match MIGRATOR.run(&self.pool).await {
-            Ok(()) => Ok(()),
+            Ok(()) => Ok(pending),
             Err(sqlx::migrate::MigrateError::Execute(sqlx::Error::PoolTimedOut)) => {
                 Err(self.why_unreachable().await)
             }

@@ -171,7 +171,7 @@ async fn announce_arrival(app: &App, session: &Session, classroom: &str) {
     app.notify(
         classroom,
         "instructor_status",
-        status_payload(session, status),
+        status_payload(&session.instructor(), status),
     )
     .await;
 }
@@ -211,7 +211,7 @@ pub(super) async fn left_classroom(app: &App, session: &Session, classroom: &str
         .await
     {
         Ok(true) => {
-            let payload = status_payload(session, InstructorStatus::Offline);
+            let payload = status_payload(&session.instructor(), InstructorStatus::Offline);
             app.notify(classroom, "instructor_status", payload).await;
         }
         Ok(false) => {}
@@ -376,7 +376,7 @@ async fn set_status<A: Adapter>(
     }
     let classrooms = session.classrooms.lock().expect("session lock").clone();
     for classroom in classrooms {
-        let payload = status_payload(&session, request.status);
+        let payload = status_payload(&session.instructor(), request.status);
         app.notify(&classroom, "instructor_status", payload).await;
     }
     json!({ "ok": true })

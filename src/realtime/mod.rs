@@ -22,7 +22,7 @@ use socketioxide_core::adapter::DefinedAdapter;
 use crate::app::{App, Session};
 use crate::auth::Refusal;
 use crate::limits::SocketSlot;
-use crate::model::{InstructorStatus, timestamp};
+use crate::model::{InstructorRef, InstructorStatus, timestamp};
 
 /// The only namespace dashboards use.
 pub const NAMESPACE: &str = "/";
@@ -159,13 +159,13 @@ pub(crate) async fn tend_presence(app: &App) {
                 instructor_id = %instructor.id,
                 "instructor left with a pod that stopped refreshing their presence"
             );
-            let payload = json!({ "instructor": instructor, "status": InstructorStatus::Offline });
+            let payload = status_payload(&instructor, InstructorStatus::Offline);
             app.notify(&classroom, "instructor_status", payload).await;
         }
     }
 }
 
 /// The payload of `instructor_status`.
-fn status_payload(session: &Session, status: InstructorStatus) -> serde_json::Value {
-    json!({ "instructor": session.instructor(), "status": status })
+fn status_payload(instructor: &InstructorRef, status: InstructorStatus) -> serde_json::Value {
+    json!({ "instructor": instructor, "status": status })
 }

@@ -74,6 +74,21 @@ describe('TLS to PostgreSQL and Redis', { concurrency: false }, () => {
   const databaseUrl = (mode) =>
     `postgres://postgres@localhost:${pg.port}/cellgate?sslmode=${mode}&sslrootcert=${certs.ca}`;
 
+  /** `cellgate serve` with verified TLS to the directory and
+   * the Redis settings given; resolves to { code, stderr } when it exits. */
+  const serveOnce = async (redisEnv) => run(BIN, ['serve'], {
+    env: {
+      PATH: process.env.PATH,
+      CELLGATE_DATA_DIR: dir,
+      CELLGATE_LISTEN_ADDR: `127.0.0.1:${await freePort()}`,
+      CELLGATE_METRICS_ADDR: `127.0.0.1:${await freePort()}`,
+      CELLGATE_DATABASE_URL: databaseUrl('verify-full'),
+      CELLGATE_JWT_SECRET: 'a-secret-for-this-test-that-is-long-enough',
+      NO_COLOR: '1',
+      ...redisEnv,
+    },
+  }).then(() => ({ code: 0, stderr: '' }), (e) => ({ code: 1, stderr: e.message }));
+
   test('a dashboard gets in and receives events over verified TLS to both', { timeout: 60_000 }, async () => {
     const gw = await startGateway({
       databaseUrl: databaseUrl('verify-full'),
@@ -104,37 +119,17 @@ describe('TLS to PostgreSQL and Redis', { concurrency: false }, () => {
   });
 
   test('without the private CA, the gateway refuses to start and says why', T, async () => {
-    const r = await run(BIN, ['serve'], {
-      env: {
-        PATH: process.env.PATH,
-        CELLGATE_DATA_DIR: dir,
-        CELLGATE_LISTEN_ADDR: `127.0.0.1:${await freePort()}`,
-        CELLGATE_METRICS_ADDR: `127.0.0.1:${await freePort()}`,
-        CELLGATE_DATABASE_URL: databaseUrl('verify-full'),
-        CELLGATE_JWT_SECRET: 'a-secret-for-this-test-that-is-long-enough',
-        CELLGATE_REDIS_URL: `rediss://localhost:${redis.port}`,
-        NO_COLOR: '1',
-      },
-    }).then(() => ({ code: 0, stderr: '' }), (e) => ({ code: 1, stderr: e.message }));
+    const r = await serveOnce({ CELLGATE_REDIS_URL: `rediss://localhost:${redis.port}` });
     assert.notEqual(r.code, 0, 'serve must not start');
     assert.match(r.stderr, /Redis/);
     assert.match(r.stderr, /certificate is not trusted.*CELLGATE_REDIS_CA_FILE/);
   });
 
   test('a certificate issued for another host is refused, and trusting a CA is not the advice', T, async () => {
-    const r = await run(BIN, ['serve'], {
-      env: {
-        PATH: process.env.PATH,
-        CELLGATE_DATA_DIR: dir,
-        CELLGATE_LISTEN_ADDR: `127.0.0.1:${await freePort()}`,
-        CELLGATE_METRICS_ADDR: `127.0.0.1:${await freePort()}`,
-        CELLGATE_DATABASE_URL: databaseUrl('verify-full'),
-        CELLGATE_JWT_SECRET: 'a-secret-for-this-test-that-is-long-enough',
-        CELLGATE_REDIS_URL: `rediss://127.0.0.2:${redis.port}`,
-        CELLGATE_REDIS_CA_FILE: certs.ca,
-        NO_COLOR: '1',
-      },
-    }).then(() => ({ code: 0, stderr: '' }), (e) => ({ code: 1, stderr: e.message }));
+    const r = await serveOnce({
+      CELLGATE_REDIS_URL: `rediss://127.0.0.2:${redis.port}`,
+      CELLGATE_REDIS_CA_FILE: certs.ca,
+    });
     assert.notEqual(r.code, 0, 'serve must not start');
     assert.match(r.stderr, /not issued for the host in CELLGATE_REDIS_URL/);
     assert.doesNotMatch(r.stderr, /CELLGATE_REDIS_CA_FILE/);
